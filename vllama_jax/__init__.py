@@ -1,0 +1,3 @@
+"""Video-LLaMA in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Hugging Face LlamaForCausalLM state dict -> our `Llama` parameter tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from flax import nnx
+
+from vllama_jax.config import LlamaConfig
+from vllama_jax.convert import readers, tree
+from vllama_jax.convert.output import staged_output
+from vllama_jax.models.llama import Llama
+from vllama_jax.pretrained import CONFIG_FILE, copy_tokenizer, save_params
+
+# Buffers some conversions saved beside the weights; derived from the config, so dropped on purpose.
+IGNORED_KEYS = (
+    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+)
+
+# HF name -> (path in our tree, transpose?). Layer weights land in row i of the stacked `layers`.
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": (("embed_tokens",), False),
+    "model.norm.weight": (("norm", "weight"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
+}
+_PER_LAYER = {
+    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
+    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
+    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
+    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
+    "input_layernorm.weight": (("input_layernorm", "weight"), False),
+    "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), False),
+}
+
+
+def llama_key_map(cfg: LlamaConfig, prefix: str = "") -> dict[str, tuple[tuple, int | None, bool]]:
+  """Every expected source key -> (target path, layer row or None, transpose)."""
+  mapping = {prefix + k: (path, None, t) for k, (path, t) in _TOP_LEVEL.items()}
+  for i in range(cfg.num_layers):
+    for suffix, (path, t) in _PER_LAYER.items():
+      mapping[f"{prefix}model.layers.{i}.{suffix}"] = (("layers",) + path, i, t)
+  return mapping
+
+
+def convert_llama_checkpoint(src_dir: str, out_dir: str, dtype: str = "bfloat16") -> LlamaConfig:
+  """Converts a Hugging Face LLaMA directory into a converted directory at `out_dir`."""
+  cfg = LlamaConfig.from_hf(src_dir, dtype=dtype)
+  files = readers.hf_weight_files(src_dir)
+  with staged_output(out_dir) as staging:
+    copy_tokenizer(src_dir, staging)
+    out = tree.allocate(abstract_params(cfg), cfg.dtype)
+    tree.fill(out, readers.iter_files(files), llama_key_map(cfg), IGNORED_KEYS, source=src_dir)
+    save_params(staging, out)
+    del out
+    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+      json.dump(cfg.to_hf(), f, indent=2)
+  return cfg
+
+
+def abstract_params(cfg: LlamaConfig) -> dict:
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))))

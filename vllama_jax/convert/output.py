@@ -1,0 +1,33 @@
+"""Write a converted directory so that a failure never leaves a half-written one behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from vllama_jax.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str):
+  """Yields a staging directory beside `out_dir`, renamed to `out_dir` only on success.
+
+  An existing non-empty `out_dir` is never overwritten: converting again must not destroy what a
+  user already has.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise CheckpointError(f"{out_dir}: already exists and is not empty; choose a new --out or remove it")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)  # empty, checked above
+  os.rename(staging, out_dir)

@@ -1,0 +1,118 @@
+"""Streaming readers for PyTorch / Hugging Face checkpoint files.
+
+Each reader yields `(key, numpy array)` one tensor at a time, so a converter holds at most one
+source tensor beside its output. Torch pickles are memory-mapped and loaded with
+`weights_only=True`; torch is imported only when a pickle is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from vllama_jax.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError("reading PyTorch pickles needs torch: pip install 'vllama_jax[convert]'") from None
+  return torch
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+  """A CPU torch tensor as numpy; bfloat16 goes through ml_dtypes without a float32 round trip."""
+  torch = _torch()
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    import ml_dtypes
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def load_torch_pickle(path: str) -> dict:
+  """The object in a torch pickle, memory-mapped, tensors only (`weights_only=True`)."""
+  torch = _torch()
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file")
+  try:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+  except Exception as e:  # torch raises many types for truncated / corrupt zips
+    raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint "
+                          f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
+def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Tensors of one .safetensors file or one flat torch state-dict pickle."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file")
+  if path.endswith(".safetensors"):
+    yield from _iter_safetensors(path)
+  elif path.endswith(PICKLE_SUFFIXES):
+    state = load_torch_pickle(path)
+    if not isinstance(state, dict):
+      raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    for key in list(state):
+      value = state.pop(key)  # drop our reference as we go: pages are released once written
+      if hasattr(value, "shape"):
+        yield key, torch_to_numpy(value)
+  else:
+    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {PICKLE_SUFFIXES}")
+
+
+def _iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  from safetensors import safe_open
+  try:
+    handle = safe_open(path, framework="np")
+  except Exception as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+  with handle as f:
+    for key in f.keys():
+      try:
+        tensor = f.get_tensor(key)
+      except Exception as e:
+        raise CheckpointError(f"{path}: tensor {key!r} cannot be read (truncated or corrupt?): {e}") from None
+      yield key, tensor
+
+
+def hf_weight_files(directory: str) -> list[str]:
+  """The weight shards of a Hugging Face model directory, preferring safetensors.
+
+  With an index json, every shard it names must exist; without one, a single
+  `model.safetensors` / `pytorch_model.bin`, or the set of matching shard files, is used.
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such directory; expected a Hugging Face model directory")
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index_path = os.path.join(directory, index_name)
+    if os.path.isfile(index_path):
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index (expected a 'weight_map' object): {e}") from None
+      shards = sorted(set(weight_map.values()))
+      missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+      if missing:
+        raise CheckpointError(f"{index_path} names shards that are missing from {directory}: {missing}")
+      return [os.path.join(directory, s) for s in shards]
+  for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+    files = sorted(glob.glob(os.path.join(directory, pattern)))
+    if files:
+      return files
+  raise CheckpointError(f"{directory}: no weights found; expected model*.safetensors or pytorch_model*.bin "
+                        "(with their index json when sharded)")
+
+
+def iter_files(paths: list[str]) -> Iterator[tuple[str, str, np.ndarray]]:
+  """(file, key, tensor) over several shards, one tensor at a time."""
+  for path in paths:
+    for key, tensor in iter_file(path):
+      yield path, key, tensor

@@ -1,0 +1,13 @@
+"""Errors raised for bad user input: each names the file, key or value and what was expected."""
+
+
+class VllamaError(Exception):
+  """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(VllamaError, ValueError):
+  """A config key is unknown, missing or has an impossible value."""
+
+
+class CheckpointError(VllamaError, ValueError):
+  """A checkpoint file is missing, unreadable, or does not match the expected keys and shapes."""

@@ -1,0 +1,157 @@
+"""Batched KV-cache generation from `inputs_embeds`, as one jitted program with static shapes.
+
+Prompts are left-aligned so that every row's last prompt token sits in the same cache slot; rotary
+positions come from each row's own token count, so a row decodes exactly as it would alone.
+Prompt length and batch are padded up to buckets: calls whose shapes fall into the same buckets
+reuse one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vllama_jax.infer.sampling import SamplingConfig, choose_tokens
+from vllama_jax.models.llama import Llama
+
+NO_TOKEN = -1  # fills the stop-sequence window before enough tokens exist
+
+
+class GenerationOutput(NamedTuple):
+  tokens: np.ndarray  # (B, max_new_tokens) int32, pad after each row's end
+  lengths: np.ndarray  # (B,) tokens produced, stop sequence / EOS included
+
+  def rows(self) -> list[list[int]]:
+    return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths)]
+
+
+def left_align(embeds: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's contiguous run of real tokens (left- or right-padded) to the right end."""
+  b, p = mask.shape
+  lengths = jnp.sum(mask, axis=-1)
+  first = jnp.argmax(mask, axis=-1)
+  slots = jnp.arange(p)
+  offset = slots[None, :] - (p - lengths)[:, None]
+  source = jnp.clip(first[:, None] + offset, 0, p - 1)
+  aligned = jnp.take_along_axis(embeds, source[:, :, None], axis=1)
+  new_mask = (offset >= 0).astype(mask.dtype)
+  return jnp.where(new_mask[:, :, None] > 0, aligned, 0).astype(embeds.dtype), new_mask
+
+
+def _stop_table(stop_sequences: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, int]:
+  """Stop sequences right-aligned in an (S, M) table; NO_TOKEN on the left matches anything."""
+  width = max((len(s) for s in stop_sequences), default=1)
+  table = np.full((max(len(stop_sequences), 1), width), NO_TOKEN - 1, np.int32)  # unmatched row
+  for i, seq in enumerate(stop_sequences):
+    table[i, :width - len(seq)] = NO_TOKEN
+    table[i, width - len(seq):] = seq
+  return table, width
+
+
+def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens: int, greedy: bool,
+              stop_sequences: tuple, eos_token_id: int | None, pad_token_id: int):
+  model: Llama = nnx.merge(graphdef, state)
+  embeds, mask = left_align(embeds, mask)
+  batch, prompt_len, _ = embeds.shape
+  logits, cache = model.prefill(embeds, mask, prompt_len + max_new_tokens)
+  table, width = _stop_table(stop_sequences)
+  has_stop = len(stop_sequences) > 0
+  rows = jnp.arange(batch)
+
+  def cond(carry):
+    step, _, _, _, done, _, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, logits, cache, tokens, done, lengths, seen, history = carry
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    token = choose_tokens(logits, seen, keys, knobs, greedy)
+    token = jnp.where(done, pad_token_id, token)
+    tokens = tokens.at[:, step].set(token)
+    history = jax.lax.dynamic_update_slice(history, token[:, None], (0, width + step))
+    stopped = jnp.zeros_like(done)
+    if eos_token_id is not None:
+      stopped |= token == eos_token_id
+    if has_stop:
+      window = jax.lax.dynamic_slice(history, (0, step + 1), (batch, width))
+      matches = (window[:, None, :] == table[None]) | (table[None] == NO_TOKEN)
+      stopped |= jnp.any(jnp.all(matches, axis=-1), axis=-1)
+    lengths = jnp.where(done, lengths, step + 1)
+    seen = seen.at[rows, token].set(seen[rows, token] | ~done)
+    done = done | stopped
+    logits, cache = jax.lax.cond(
+        (step + 1 < max_new_tokens) & ~jnp.all(done),
+        lambda: model.decode_step(token, cache),
+        lambda: (logits, cache))
+    return step + 1, logits, cache, tokens, done, lengths, seen, history
+
+  carry = (jnp.int32(0), logits, cache,
+           jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
+           jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32),
+           jnp.zeros(logits.shape, bool),
+           jnp.full((batch, width + max_new_tokens), NO_TOKEN, jnp.int32))
+  _, _, _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+  return tokens, lengths
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0,), static_argnames=(
+    "max_new_tokens", "greedy", "stop_sequences", "eos_token_id", "pad_token_id"))
+
+
+def bucket(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def batch_bucket(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass
+class Generator:
+  """Generates from lists of prompt embeddings of any lengths; compiled once per shape bucket."""
+  model: Llama
+  length_multiple: int = 64
+
+  def __post_init__(self):
+    self._graphdef, self._state = nnx.split(self.model)
+
+  def __call__(self, prompts: Sequence[jax.Array], config: SamplingConfig = SamplingConfig(),
+               seeds: Sequence[int] | None = None) -> GenerationOutput:
+    """prompts: (P_i, H) embeddings per row. Row i samples with `seeds[i]` (default `config.seed + i`),
+    so any row can be reproduced alone by passing its seed."""
+    n = len(prompts)
+    if n == 0:
+      raise ValueError("no prompts given")
+    hidden = self.model.config.hidden_size
+    for i, p in enumerate(prompts):
+      if p.ndim != 2 or p.shape[1] != hidden or p.shape[0] == 0:
+        raise ValueError(f"prompt {i} has shape {tuple(p.shape)}; expected (length > 0, {hidden})")
+    seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(n)]
+    if len(seeds) != n:
+      raise ValueError(f"{len(seeds)} seeds given for {n} prompts")
+    batch = batch_bucket(n)
+    length = bucket(max(p.shape[0] for p in prompts), self.length_multiple)
+    embeds = jnp.zeros((batch, length, hidden), self.model.dtype)
+    mask = np.zeros((batch, length), np.int32)
+    for i, p in enumerate(prompts):
+      embeds = embeds.at[i, length - p.shape[0]:].set(p.astype(self.model.dtype))
+      mask[i, length - p.shape[0]:] = 1
+    mask[n:, -1] = 1  # filler rows: one dummy token, results discarded
+    seeds = seeds + [0] * (batch - n)
+    row_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    tokens, lengths = _generate_jit(
+        self._graphdef, self._state, embeds, jnp.asarray(mask), row_keys, config.knobs(),
+        max_new_tokens=config.max_new_tokens, greedy=config.greedy,
+        stop_sequences=config.stop_sequences, eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id)
+    return GenerationOutput(np.asarray(tokens)[:n], np.asarray(lengths)[:n])
+
+  @staticmethod
+  def compiled_programs() -> int:
+    """How many generation programs have been compiled so far (to check bucketing)."""
+    return _generate_jit._cache_size()

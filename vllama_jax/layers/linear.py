@@ -1,0 +1,40 @@
+"""Parameters with logical axis names, and the Linear layer built from them."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], dtype, names: Sequence[str | None]) -> nnx.Param:
+  """An nnx.Param whose `out_sharding` holds logical names, resolved later by `sharding.py`.
+
+  Eager sharding is off: placement is decided once, by `jax.jit(out_shardings=...)` or an orbax
+  restore target, never as a side effect of construction.
+  """
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)),
+                   out_sharding=tuple(names), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel is (in, out), i.e. the transpose of torch's nn.Linear weight."""
+
+  def __init__(self, in_features: int, out_features: int, *, names: tuple[str | None, str | None],
+               use_bias: bool = False, dtype="float32", rngs: nnx.Rngs,
+               kernel_init: Initializer = nnx.initializers.normal(0.02)):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), dtype, names)
+    self.bias = param(rngs, nnx.initializers.zeros, (out_features,), dtype, names[1:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel)
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y

@@ -1,0 +1,215 @@
+"""The LLaMA / Vicuna decoder in Flax NNX, with a scanned layer stack and a KV cache.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` so that conversion is a transpose per
+weight. Layers are stacked along a leading `layers` axis and run with `jax.lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vllama_jax.config import LlamaConfig
+from vllama_jax.layers.attention import causal_mask, dot_product_attention
+from vllama_jax.layers.linear import Linear, param
+from vllama_jax.layers.norms import RMSNorm
+from vllama_jax.layers.rope import apply_rope, rope_cos_sin
+from vllama_jax.sharding import constrain
+
+HIDDEN = ("batch", "length", "act_embed")
+
+
+class KVCache(NamedTuple):
+  """Keys/values of every layer in fixed-size slots; prompts are left-aligned to end at `index`."""
+  k: jax.Array  # (layers, batch, slots, kv_heads, head_dim)
+  v: jax.Array
+  valid: jax.Array  # (batch, slots) bool: slot holds a real token
+  index: jax.Array  # () int32: next slot to write, shared by all rows
+  position: jax.Array  # (batch,) int32: rotary position of the next token of each row
+
+
+class LlamaAttention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, h, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    dense = lambda i, o, names: Linear(i, o, names=names, dtype=cfg.dtype, rngs=rngs)
+    self.q_proj = dense(cfg.hidden_size, h * d, ("embed", "heads"))
+    self.k_proj = dense(cfg.hidden_size, kv * d, ("embed", "kv_heads"))
+    self.v_proj = dense(cfg.hidden_size, kv * d, ("embed", "kv_heads"))
+    self.o_proj = dense(h * d, cfg.hidden_size, ("heads", "embed"))
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """Without `cache`, attends over this call's own keys and returns them as (k, v).
+
+    With `cache = (k_all, v_all, layer, index)`, writes this call's keys at slot `index` of layer
+    `layer`, attends over all slots of that layer, and returns the updated (k_all, v_all).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    if cache is None:
+      keys, values, new_kv = k, v, (k, v)
+    else:
+      k_all, v_all, layer, index = cache
+      at = (layer, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+      keys, values, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
+    out = dot_product_attention(q, keys, values, mask)
+    return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    dense = lambda i, o, names: Linear(i, o, names=names, dtype=cfg.dtype, rngs=rngs)
+    self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+    self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+    self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"))
+
+  def __call__(self, x):
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(hidden, ("batch", "length", "act_mlp")))
+
+
+class LlamaDecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, rngs=rngs)
+    self.input_layernorm = norm()
+    self.self_attn = LlamaAttention(cfg, rngs=rngs)
+    self.post_attention_layernorm = norm()
+    self.mlp = LlamaMLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return constrain(x, HIDDEN), new_kv
+
+
+def _stacked_layers(cfg: LlamaConfig, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+  """One LlamaDecoderLayer whose every parameter has a leading `layers` axis."""
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(key):
+    return LlamaDecoderLayer(cfg, rngs=nnx.Rngs(params=key))
+
+  return make(jax.random.split(rngs.params(), cfg.num_layers))
+
+
+class Llama(nnx.Module):
+  """LlamaForCausalLM: token ids or `inputs_embeds` in, float32 logits out."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed_tokens = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
+                              cfg.dtype, ("vocab", "embed"))
+    self.layers = _stacked_layers(cfg, rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, rngs=rngs)
+    self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, names=("embed", "vocab"), dtype=cfg.dtype,
+                          rngs=rngs)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.config.dtype)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    kernel = self.lm_head.kernel[...]
+    logits = jnp.einsum("...h,hv->...v", self.norm(hidden).astype(kernel.dtype), kernel,
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
+
+  def _scan_layers(self, x, cos, sin, mask, cache=None):
+    graphdef, stacked = nnx.split(self.layers)
+
+    def run_layer(layer_state, h, layer_cache):
+      return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, layer_cache)
+
+    if self.config.remat:
+      run_layer = jax.checkpoint(run_layer)
+
+    if cache is None:  # per-layer keys/values come out stacked as the scan's outputs
+      def body(h, layer_state):
+        return run_layer(layer_state, h, None)
+      return jax.lax.scan(body, x, stacked)
+
+    k_all, v_all, index = cache  # the cache rides in the carry so XLA updates it in place
+
+    def body_cached(carry, xs):
+      h, k_all, v_all = carry
+      layer_state, layer = xs
+      h, (k_all, v_all) = run_layer(layer_state, h, (k_all, v_all, layer, index))
+      return (h, k_all, v_all), None
+
+    layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, k_all, v_all), (stacked, layer_ids))
+    return x, (k_all, v_all)
+
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """Causal forward over a padded batch; returns (batch, length, vocab) float32 logits.
+
+    `attention_mask` (1 = real token) may pad on either side; positions default to the running count
+    of real tokens, so a row gets the same positions whatever its padding.
+    """
+    x = self._inputs(input_ids, inputs_embeds)
+    b, t, _ = x.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = _positions_from_mask(attention_mask)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, attention_mask.astype(bool))
+    cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    x, _ = self._scan_layers(constrain(x, HIDDEN), cos, sin, mask)
+    return self.logits(x)
+
+  # ---- KV-cache inference -------------------------------------------------------------------
+
+  def prefill(self, inputs_embeds: jax.Array, attention_mask: jax.Array, num_slots: int):
+    """Runs a left-padded prompt batch; returns the last position's logits (B, V) and a KVCache."""
+    b, t, _ = inputs_embeds.shape
+    mask_bool = attention_mask.astype(bool)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, mask_bool)
+    cos, sin = rope_cos_sin(_positions_from_mask(attention_mask), self.config.head_dim,
+                            self.config.rope_theta)
+    x, (k, v) = self._scan_layers(constrain(inputs_embeds.astype(self.dtype), HIDDEN), cos, sin, mask)
+    pad = [(0, 0), (0, 0), (0, num_slots - t), (0, 0), (0, 0)]
+    cache = KVCache(
+        k=jnp.pad(k, pad), v=jnp.pad(v, pad),
+        valid=jnp.pad(mask_bool, [(0, 0), (0, num_slots - t)]),
+        index=jnp.asarray(t, jnp.int32),
+        position=jnp.sum(attention_mask, axis=-1).astype(jnp.int32))
+    return self.logits(x[:, -1]), cache
+
+  def decode_step(self, tokens: jax.Array, cache: KVCache):
+    """One token per row at slot `cache.index`; returns logits (B, V) and the advanced cache."""
+    x = self.embed(tokens[:, None])
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((tokens.shape[0], 1), bool),
+                                         (0, cache.index))
+    cos, sin = rope_cos_sin(cache.position[:, None], self.config.head_dim, self.config.rope_theta)
+    x, (k, v) = self._scan_layers(x, cos, sin, valid[:, None, :], (cache.k, cache.v, cache.index))
+    cache = KVCache(k=k, v=v, valid=valid, index=cache.index + 1, position=cache.position + 1)
+    return self.logits(x[:, 0]), cache
+
+  def _inputs(self, input_ids, inputs_embeds):
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    return self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+
+
+def _positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)

@@ -1,0 +1,91 @@
+"""Small random checkpoints in the released formats, for the demo, tests and benchmarks.
+
+No model hub is needed: a SentencePiece tokenizer is trained on a few sentences and LLaMA weights
+are drawn at random, then written exactly as Hugging Face lays out a LLaMA directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from vllama_jax.config import LlamaConfig
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Video LLaMA answers questions about videos and their sound.",
+    "###Human: What is happening in this video? ###Assistant: A cat is playing the piano.",
+    "Describe this image in detail. There are two people walking on a beach at sunset.",
+    "Close your eyes, open your ears and imagine only based on the sound.",
+    "[INST] <<SYS>> You are a helpful assistant. <</SYS>> What do you hear? [/INST] Birds singing.",
+)
+
+
+def write_tokenizer(directory: str, vocab_size: int = 384, with_config: bool = True) -> str:
+  """Trains a byte-fallback BPE SentencePiece model with LLaMA's special ids (unk 0, bos 1, eos 2)."""
+  import sentencepiece as spm
+  os.makedirs(directory, exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(SENTENCES * 8), model_prefix=os.path.join(directory, "tokenizer"),
+      vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2)
+  os.remove(os.path.join(directory, "tokenizer.vocab"))
+  if with_config:  # what a released LLaMA directory ships beside tokenizer.model
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                 "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                 "legacy": True, "model_max_length": 2048}, f)
+  return os.path.join(directory, "tokenizer.model")
+
+
+def random_llama_state(cfg: LlamaConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+  """A Hugging Face LlamaForCausalLM state dict with random weights (PyTorch (out, in) layout)."""
+  rng = np.random.default_rng(seed)
+  h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+
+  def normal(*shape, std=0.02):
+    return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
+
+  def norm_weight():
+    return (1.0 + rng.standard_normal(h, np.float32) * 0.1).astype(dtype)
+
+  state = {"model.embed_tokens.weight": normal(cfg.vocab_size, h), "model.norm.weight": norm_weight(),
+           "lm_head.weight": normal(cfg.vocab_size, h)}
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    state |= {
+        p + "self_attn.q_proj.weight": normal(cfg.num_heads * d, h),
+        p + "self_attn.k_proj.weight": normal(cfg.num_kv_heads * d, h),
+        p + "self_attn.v_proj.weight": normal(cfg.num_kv_heads * d, h),
+        p + "self_attn.o_proj.weight": normal(h, cfg.num_heads * d),
+        p + "mlp.gate_proj.weight": normal(f, h),
+        p + "mlp.up_proj.weight": normal(f, h),
+        p + "mlp.down_proj.weight": normal(h, f),
+        p + "input_layernorm.weight": norm_weight(),
+        p + "post_attention_layernorm.weight": norm_weight(),
+    }
+  return state
+
+
+def write_hf_llama(directory: str, cfg: LlamaConfig, state: dict[str, np.ndarray] | None = None,
+                   num_shards: int = 1, seed: int = 0) -> str:
+  """Writes config.json and safetensors weights (sharded with an index json when num_shards > 1)."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  state = random_llama_state(cfg, seed) if state is None else state
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg.to_hf() | {"torch_dtype": "float32"}, f, indent=2)
+  keys = list(state)
+  if num_shards == 1:
+    save_file(state, os.path.join(directory, "model.safetensors"))
+    return directory
+  weight_map = {}
+  for s, chunk in enumerate(np.array_split(np.arange(len(keys)), num_shards)):
+    name = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+    save_file({keys[i]: state[keys[i]] for i in chunk}, os.path.join(directory, name))
+    weight_map |= {keys[i]: name for i in chunk}
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+  return directory
