@@ -21,7 +21,7 @@ from vllama_jax.errors import VllamaError
 from vllama_jax.infer.generate import Generator
 from vllama_jax.infer.sampling import SamplingConfig
 from vllama_jax.pretrained import load_llama
-from vllama_jax.text.tokenizer import encode, load_tokenizer
+from vllama_jax.text.tokenizer import load_tokenizer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
@@ -47,13 +47,13 @@ def run(config, workdir: str) -> list[str]:
   tokenizer = load_tokenizer(out_dir)
 
   print("[4/4] generating, batched")
-  stop = (tuple(encode(tokenizer, "###")),)
+  stop = (tuple(tokenizer.encode("###")),)
   sampling = SamplingConfig(**config.sampling.to_dict(), stop_sequences=stop,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                             seed=config.seed)
   prompts = []
   for question in config.questions:
-    ids = [tokenizer.bos_token_id] + encode(tokenizer, vicuna_prompt(question))
+    ids = [tokenizer.bos_id] + tokenizer.encode(vicuna_prompt(question))
     prompts.append(model.embed(jnp.asarray(ids)))
   generator = Generator(model)
   with jax.set_mesh(mesh):
@@ -63,7 +63,7 @@ def run(config, workdir: str) -> list[str]:
     start = time.time()
     out = generator(prompts, sampling)
     run_time = time.time() - start
-  answers = [tokenizer.decode(row, skip_special_tokens=True).split("###")[0].strip() for row in out.rows()]
+  answers = [tokenizer.decode(row).split("###")[0].strip() for row in out.rows()]
   for question, answer, n in zip(config.questions, answers, out.lengths):
     print(f"  Q: {question}\n  A ({n} tokens, random weights): {answer!r}")
   assert (first.tokens == out.tokens).all(), "same seed, same tokens"

@@ -35,29 +35,56 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
   return present
 
 
-def save_params(directory: str, tree) -> None:
-  """Writes a pytree of numpy/jax arrays with orbax under `directory/params`."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(directory, PARAMS_DIR)), tree)
-  checkpointer.wait_until_finished()
+def save_params(directory: str, tree: dict) -> None:
+  """Writes a nested dict of arrays under `directory/params`, one orbax checkpoint per parameter.
+
+  Orbax copies what it writes; saving parameter by parameter, and dropping each from `tree` once
+  written, bounds that copy to one parameter instead of the whole model.
+  """
+  root = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+  os.makedirs(root, exist_ok=True)
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  for name, parent, key in _leaves(tree):
+    checkpointer.save(os.path.join(root, name), args=ocp.args.StandardSave({"value": parent.pop(key)}))
   checkpointer.close()
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  """(dotted name, parent dict, key) of every array in a nested dict, parents listed before popping."""
+  for key in list(tree):
+    value = tree[key]
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      yield from _leaves(value, name + ".")
+    else:
+      yield name, tree, key
 
 
 def restore_state(directory: str, abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
   """Restores `directory/params` into the structure of `abstract_state`, sharded over `mesh`."""
-  path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
-  if not os.path.isdir(path):
-    raise CheckpointError(f"{path}: no such directory; expected the converted parameters written by "
+  root = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+  if not os.path.isdir(root):
+    raise CheckpointError(f"{root}: no such directory; expected the converted parameters written by "
                           "convert_weights.py")
   target = sharding.abstract_with_shardings(abstract_state, mesh)
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
-    restored = checkpointer.restore(path, target)
-  except Exception as e:
-    raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
+    for name, parent, key in list(_leaves(target)):
+      path = os.path.join(root, name)
+      if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: missing; the converted directory has no parameter {name!r}")
+      expected = parent[key]
+      try:
+        array = checkpointer.restore(path, args=ocp.args.StandardRestore({"value": expected}))["value"]
+      except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore parameter {name!r} ({type(e).__name__}: {e})") from None
+      if array.shape != expected.shape:
+        raise CheckpointError(f"{path}: parameter {name!r} has shape {array.shape}, the config expects "
+                              f"{expected.shape}")
+      parent[key] = array
   finally:
     checkpointer.close()
-  nnx.replace_by_pure_dict(abstract_state, restored)
+  nnx.replace_by_pure_dict(abstract_state, target)
   return abstract_state
 
 
@@ -75,5 +102,5 @@ def load_llama(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime)
   runtime.setdefault("dtype", hf.get("torch_dtype", "bfloat16"))
   cfg = LlamaConfig.from_hf(hf, **runtime)
   mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract_state = sharding.abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   return nnx.merge(graphdef, restore_state(directory, abstract_state, mesh))

@@ -30,7 +30,10 @@ def write_tokenizer(directory: str, vocab_size: int = 384, with_config: bool = T
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(SENTENCES * 8), model_prefix=os.path.join(directory, "tokenizer"),
       vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2)
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2,
+      # the normaliser settings of LLaMA's own tokenizer.model
+      normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+      allow_whitespace_only_pieces=True)
   os.remove(os.path.join(directory, "tokenizer.vocab"))
   if with_config:  # what a released LLaMA directory ships beside tokenizer.model
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

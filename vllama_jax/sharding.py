@@ -56,6 +56,8 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     if len(devices) % known:
       raise ConfigError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
+  if -1 not in shape and math.prod(shape) < len(devices):
+    devices = devices[:math.prod(shape)]  # e.g. (1, 1, 1): the first device
   if math.prod(shape) != len(devices):
     raise ConfigError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
                       f"but {len(devices)} are available")
@@ -68,9 +70,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
   """Resolves logical names to a PartitionSpec; with `shape` and `mesh`, uneven dims are replicated."""
   spec, used = [], set()
   for i, name in enumerate(names):
-    axes = LOGICAL_RULES[name] if name is not None else None
     if name is not None and name not in LOGICAL_RULES:
       raise ConfigError(f"logical axis {name!r} has no entry in LOGICAL_RULES")
+    axes = LOGICAL_RULES[name] if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     axes = tuple(a for a in axes if a not in used)  # a mesh axis may shard only one dim
     if mesh is not None:
@@ -110,3 +112,20 @@ def abstract_with_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
   shardings = state_shardings(abstract_state, mesh)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+
+
+def abstract_model(build) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs) of the module `build()` returns, allocating nothing.
+
+  Unlike `nnx.eval_shape`, this ignores any mesh in context: our `out_sharding` metadata holds
+  logical names, which only `state_shardings` may turn into mesh axes.
+  """
+  graphdefs = []
+
+  def split():
+    graphdef, state = nnx.split(build())
+    graphdefs.append(graphdef)
+    return state
+
+  state = jax.eval_shape(split)
+  return graphdefs[0], state

@@ -12,6 +12,7 @@ from vllama_jax.config import LlamaConfig
 from vllama_jax.convert import readers, tree
 from vllama_jax.convert.output import staged_output
 from vllama_jax.models.llama import Llama
+from vllama_jax.sharding import abstract_model
 from vllama_jax.pretrained import CONFIG_FILE, copy_tokenizer, save_params
 
 # Buffers some conversions saved beside the weights; derived from the config, so dropped on purpose.
@@ -63,4 +64,4 @@ def convert_llama_checkpoint(src_dir: str, out_dir: str, dtype: str = "bfloat16"
 
 
 def abstract_params(cfg: LlamaConfig) -> dict:
-  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))))
+  return nnx.to_pure_dict(abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)))[1])

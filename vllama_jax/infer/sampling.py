@@ -61,12 +61,13 @@ def filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
   vocab = logits.shape[-1]
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
   kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  in_top_k = sorted_desc >= kth  # ties with the k-th value stay, as in HF
+  # top-p acts on the top-k distribution, renormalised, as HF chains the two warpers
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
-  keep_sorted = (mass_before < top_p) & (jnp.arange(vocab) < k)
+  keep_sorted = ((mass_before < top_p) | (top_p >= 1.0)) & in_top_k
   # threshold = smallest kept logit; everything >= it survives
   threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-  threshold = jnp.maximum(threshold, kth)
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
