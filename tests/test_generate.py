@@ -24,7 +24,7 @@ def models(tmp_path_factory):
   reference, hf_dir = hf_llama(tmp_path_factory, "gen", seed=3)
   out = tmp_path_factory.mktemp("gen_out") / "converted"
   assert convert_main(["--llama", hf_dir, "--out", str(out), "--dtype", "float32"]) == 0
-  return reference, load_llama(str(out))
+  return reference, load_llama(str(out)), load_llama(str(out), scan_layers=False)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,9 @@ def left_padded(prompts):
   return embeds, mask
 
 
-def test_greedy_is_token_identical_to_transformers_alone_and_batched(models, prompts):
-  reference, model = models
+@pytest.mark.parametrize("layout", ["scanned", "layer-list"])
+def test_greedy_is_token_identical_to_transformers_alone_and_batched(models, prompts, layout):
+  reference, model = models[0], models[1 if layout == "scanned" else 2]
   config = SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, eos_token_id=None)
   generator = Generator(model, length_multiple=16)
   with jax.default_matmul_precision("highest"):
@@ -66,7 +67,7 @@ def test_greedy_is_token_identical_to_transformers_alone_and_batched(models, pro
 
 
 def test_eos_and_multi_token_stop_sequences(models, prompts):
-  _, model = models
+  model = models[1]
   generator = Generator(model, length_multiple=16)
   free = generator([jnp.asarray(p) for p in prompts], SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True,
                                                                       eos_token_id=None))
@@ -94,7 +95,7 @@ def test_eos_and_multi_token_stop_sequences(models, prompts):
 
 
 def test_sampling_is_reproducible_per_row_and_seed_dependent(models, prompts):
-  _, model = models
+  model = models[1]
   generator = Generator(model, length_multiple=16)
   config = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=0.95, top_k=50,
                           repetition_penalty=1.2, eos_token_id=None)
@@ -107,7 +108,7 @@ def test_sampling_is_reproducible_per_row_and_seed_dependent(models, prompts):
 
 
 def test_same_buckets_never_recompile(models, prompts):
-  _, model = models
+  model = models[1]
   generator = Generator(model, length_multiple=16)
   config = SamplingConfig(max_new_tokens=NEW_TOKENS + 1, greedy=False, eos_token_id=None)
   generator([jnp.asarray(prompts[0])], config)
@@ -166,7 +167,7 @@ def test_left_align_moves_any_padding_to_the_left():
 
 
 def test_bad_requests_are_clear_errors(models):
-  _, model = models
+  model = models[1]
   with pytest.raises(ConfigError, match="top_p"):
     SamplingConfig(top_p=0)
   with pytest.raises(ConfigError, match="temperature"):

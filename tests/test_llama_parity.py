@@ -53,10 +53,9 @@ def test_real_7b_width_two_layers_logits_match_transformers(tmp_path_factory, tm
   assert compare(model, reference, ids, mask) <= TOLERANCE
 
 
-def test_embeds_input_and_remat_give_the_same_logits(tmp_path_factory, tmp_path, rng):
+def test_embeds_input_remat_and_layer_list_give_the_same_model(tmp_path_factory, tmp_path, rng):
   _, hf_dir = hf_llama(tmp_path_factory, "embeds")
   model = convert_and_load(hf_dir, tmp_path / "out")
-  remat_model = load_llama(str(tmp_path / "out"), remat=True)
   ids, mask = right_padded_batch(rng, 384, [6, 4])
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
   from_ids = model(ids, attention_mask=mask)
@@ -67,10 +66,18 @@ def test_embeds_input_and_remat_give_the_same_logits(tmp_path_factory, tmp_path,
     return jnp.mean(m(ids, attention_mask=mask) ** 2)
 
   from flax import nnx
-  g1 = nnx.grad(loss)(model)
-  g2 = nnx.grad(loss)(remat_model)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  reference_grads = nnx.to_pure_dict(nnx.grad(loss)(model))
+  for runtime in [dict(remat=True), dict(scan_layers=False), dict(scan_layers=False, remat=True)]:
+    other = load_llama(str(tmp_path / "out"), **runtime)
+    with jax.default_matmul_precision("highest"):
+      np.testing.assert_allclose(np.asarray(other(ids, attention_mask=mask)),
+                                 np.asarray(model(ids, attention_mask=mask)), atol=1e-5)
+    grads = nnx.to_pure_dict(nnx.grad(loss)(other))
+    if not other.config.scan_layers:  # compare layer i of the list with row i of the stack
+      stacked = grads.pop("layers")
+      grads["layers"] = jax.tree.map(lambda *rows: jnp.stack(rows), *[stacked[i] for i in sorted(stacked)])
+    for a, b in zip(jax.tree.leaves(reference_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_left_padding_gives_each_row_its_unpadded_logits(tmp_path_factory, tmp_path, rng):

@@ -30,9 +30,12 @@ class LlamaConfig:
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int = 0
-  # Runtime choices, not architecture: weight/compute dtype and rematerialisation of each layer.
+  # Runtime choices, not architecture: weight/compute dtype, rematerialisation of each layer, and
+  # whether layers are stacked and run with lax.scan (fast compiles, training) or kept as a list
+  # (no per-step weight slicing in the decode loop: faster generation on CPU).
   dtype: str = "bfloat16"
   remat: bool = False
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:

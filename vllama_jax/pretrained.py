@@ -102,5 +102,20 @@ def load_llama(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime)
   runtime.setdefault("dtype", hf.get("torch_dtype", "bfloat16"))
   cfg = LlamaConfig.from_hf(hf, **runtime)
   mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  graphdef, abstract_state = sharding.abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  return nnx.merge(graphdef, restore_state(directory, abstract_state, mesh))
+  stacked_cfg = cfg.replace(scan_layers=True)  # the on-disk layout
+  graphdef, abstract_state = sharding.abstract_model(lambda: Llama(stacked_cfg, rngs=nnx.Rngs(0)))
+  model = nnx.merge(graphdef, restore_state(directory, abstract_state, mesh))
+  return model if cfg.scan_layers else unstack_layers(model, mesh)
+
+
+def unstack_layers(model: Llama, mesh: jax.sharding.Mesh) -> Llama:
+  """The same model with its stacked layers split into a list (`scan_layers=False`)."""
+  cfg = model.config.replace(scan_layers=False)
+  graphdef, state = sharding.abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  targets = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  stacked = pure.pop("layers")
+  pure["layers"] = {i: jax.tree.map(lambda x, s: jax.device_put(x[i], s), stacked, targets["layers"][i])
+                    for i in range(cfg.num_layers)}
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)

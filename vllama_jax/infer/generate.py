@@ -63,11 +63,8 @@ def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens:
   has_stop = len(stop_sequences) > 0
   rows = jnp.arange(batch)
 
-  def cond(carry):
-    step, _, _, _, done, _, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
+  def choose(carry):
+    """Picks and records each row's token at `step`."""
     step, logits, cache, tokens, done, lengths, seen, history = carry
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     token = choose_tokens(logits, seen, keys, knobs, greedy)
@@ -83,19 +80,26 @@ def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens:
       stopped |= jnp.any(jnp.all(matches, axis=-1), axis=-1)
     lengths = jnp.where(done, lengths, step + 1)
     seen = seen.at[rows, token].set(seen[rows, token] | ~done)
-    done = done | stopped
-    logits, cache = jax.lax.cond(
-        (step + 1 < max_new_tokens) & ~jnp.all(done),
-        lambda: model.decode_step(token, cache),
-        lambda: (logits, cache))
+    return step, logits, cache, tokens, done | stopped, lengths, seen, history
+
+  def body(carry):
+    step, _, cache, tokens, done, lengths, seen, history = choose(carry)
+    logits, cache = model.decode_step(tokens[:, step], cache)
     return step + 1, logits, cache, tokens, done, lengths, seen, history
+
+  def cond(carry):
+    step, done = carry[0], carry[4]
+    return (step < max_new_tokens - 1) & ~jnp.all(done)
 
   carry = (jnp.int32(0), logits, cache,
            jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
            jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32),
            jnp.zeros(logits.shape, bool),
            jnp.full((batch, width + max_new_tokens), NO_TOKEN, jnp.int32))
-  _, _, _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+  # The last token needs no decode step after it: the loop stops one short and `choose` runs once
+  # more (a no-op for rows already done).
+  carry = choose(jax.lax.while_loop(cond, body, carry))
+  _, _, _, tokens, _, lengths, _, _ = carry
   return tokens, lengths
 
 

@@ -1,7 +1,8 @@
 """The LLaMA / Vicuna decoder in Flax NNX, with a scanned layer stack and a KV cache.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` so that conversion is a transpose per
-weight. Layers are stacked along a leading `layers` axis and run with `jax.lax.scan`.
+weight. Layers are stacked along a leading `layers` axis and run with `jax.lax.scan`, or, with
+`scan_layers=False`, kept as a list (see `pretrained.unstack_layers`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ HIDDEN = ("batch", "length", "act_embed")
 
 class KVCache(NamedTuple):
   """Keys/values of every layer in fixed-size slots; prompts are left-aligned to end at `index`."""
-  k: jax.Array  # (layers, batch, slots, kv_heads, head_dim)
-  v: jax.Array
+  # (layers, batch, slots, kv_heads, head_dim) when layers are scanned; with `scan_layers=False`, a
+  # tuple of per-layer (batch, slots, kv_heads, head_dim) buffers, so no step slices a layer out.
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array  # (batch, slots) bool: slot holds a real token
   index: jax.Array  # () int32: next slot to write, shared by all rows
   position: jax.Array  # (batch,) int32: rotary position of the next token of each row
@@ -46,7 +49,8 @@ class LlamaAttention(nnx.Module):
     """Without `cache`, attends over this call's own keys and returns them as (k, v).
 
     With `cache = (k_all, v_all, layer, index)`, writes this call's keys at slot `index` of layer
-    `layer`, attends over all slots of that layer, and returns the updated (k_all, v_all).
+    `layer`, attends over all slots of that layer, and returns the updated (k_all, v_all). With
+    `layer=None`, `k_all`/`v_all` are this layer's own (batch, slots, ...) buffers.
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -58,10 +62,14 @@ class LlamaAttention(nnx.Module):
       keys, values, new_kv = k, v, (k, v)
     else:
       k_all, v_all, layer, index = cache
-      at = (layer, 0, index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-      keys, values, new_kv = k_all[layer], v_all[layer], (k_all, v_all)
+      if layer is None:
+        k, v, at = k, v, (0, index, 0, 0)
+      else:
+        k, v, at = k[None], v[None], (layer, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), at)
+      new_kv = (k_all, v_all)
+      keys, values = (k_all, v_all) if layer is None else (k_all[layer], v_all[layer])
     out = dot_product_attention(q, keys, values, mask)
     return self.o_proj(out.reshape(b, t, -1)), new_kv
 
@@ -113,7 +121,10 @@ class Llama(nnx.Module):
     self.config = cfg
     self.embed_tokens = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                               cfg.dtype, ("vocab", "embed"))
-    self.layers = _stacked_layers(cfg, rngs)
+    if cfg.scan_layers:
+      self.layers = _stacked_layers(cfg, rngs)
+    else:
+      self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, rngs=rngs)
     self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, names=("embed", "vocab"), dtype=cfg.dtype,
                           rngs=rngs)
@@ -131,7 +142,12 @@ class Llama(nnx.Module):
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
 
-  def _scan_layers(self, x, cos, sin, mask, cache=None):
+  def _run_layers(self, x, cos, sin, mask, cache=None):
+    """All decoder layers. Without a cache, returns (x, (k, v) of every layer); with
+    `cache = (k_all, v_all, index)`, returns (x, updated (k_all, v_all)). Keys/values are stacked
+    arrays for scanned layers, tuples of per-layer arrays otherwise."""
+    if not self.config.scan_layers:
+      return self._loop_layers(x, cos, sin, mask, cache)
     graphdef, stacked = nnx.split(self.layers)
 
     def run_layer(layer_state, h, layer_cache):
@@ -157,6 +173,17 @@ class Llama(nnx.Module):
     (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, k_all, v_all), (stacked, layer_ids))
     return x, (k_all, v_all)
 
+  def _loop_layers(self, x, cos, sin, mask, cache):
+    call = lambda layer, h, layer_cache: layer(h, cos, sin, mask, layer_cache)
+    if self.config.remat:
+      call = nnx.remat(call)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, (k, v) = call(layer, x, None if cache is None else (cache[0][i], cache[1][i], None, cache[2]))
+      ks.append(k)
+      vs.append(v)
+    return x, (tuple(ks), tuple(vs))
+
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
     """Causal forward over a padded batch; returns (batch, length, vocab) float32 logits.
@@ -173,7 +200,7 @@ class Llama(nnx.Module):
     slots = jnp.arange(t, dtype=jnp.int32)
     mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, attention_mask.astype(bool))
     cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-    x, _ = self._scan_layers(constrain(x, HIDDEN), cos, sin, mask)
+    x, _ = self._run_layers(constrain(x, HIDDEN), cos, sin, mask)
     return self.logits(x)
 
   # ---- KV-cache inference -------------------------------------------------------------------
@@ -186,10 +213,10 @@ class Llama(nnx.Module):
     mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, mask_bool)
     cos, sin = rope_cos_sin(_positions_from_mask(attention_mask), self.config.head_dim,
                             self.config.rope_theta)
-    x, (k, v) = self._scan_layers(constrain(inputs_embeds.astype(self.dtype), HIDDEN), cos, sin, mask)
-    pad = [(0, 0), (0, 0), (0, num_slots - t), (0, 0), (0, 0)]
+    x, (k, v) = self._run_layers(constrain(inputs_embeds.astype(self.dtype), HIDDEN), cos, sin, mask)
+    pad = lambda kv: jnp.pad(kv, [(0, 0)] * (kv.ndim - 3) + [(0, num_slots - t), (0, 0), (0, 0)])
     cache = KVCache(
-        k=jnp.pad(k, pad), v=jnp.pad(v, pad),
+        k=jax.tree.map(pad, k), v=jax.tree.map(pad, v),
         valid=jnp.pad(mask_bool, [(0, 0), (0, num_slots - t)]),
         index=jnp.asarray(t, jnp.int32),
         position=jnp.sum(attention_mask, axis=-1).astype(jnp.int32))
@@ -201,7 +228,7 @@ class Llama(nnx.Module):
     valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((tokens.shape[0], 1), bool),
                                          (0, cache.index))
     cos, sin = rope_cos_sin(cache.position[:, None], self.config.head_dim, self.config.rope_theta)
-    x, (k, v) = self._scan_layers(x, cos, sin, valid[:, None, :], (cache.k, cache.v, cache.index))
+    x, (k, v) = self._run_layers(x, cos, sin, valid[:, None, :], (cache.k, cache.v, cache.index))
     cache = KVCache(k=k, v=v, valid=valid, index=cache.index + 1, position=cache.position + 1)
     return self.logits(x[:, 0]), cache
 
