@@ -31,6 +31,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "vocab": "tensor",
     "norm": None,
+    "queries": None,  # learned query tokens, position tables
+    "positions": None,
+    "patch": None,  # convolution kernel spatial / input-channel dims
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
