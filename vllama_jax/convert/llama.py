@@ -20,31 +20,31 @@ IGNORED_KEYS = (
     re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
 )
 
-# HF name -> (path in our tree, transpose?). Layer weights land in row i of the stacked `layers`.
+# HF name -> (path in our tree, transform). Layer weights land in row i of the stacked `layers`.
 _TOP_LEVEL = {
-    "model.embed_tokens.weight": (("embed_tokens",), False),
-    "model.norm.weight": (("norm", "weight"), False),
-    "lm_head.weight": (("lm_head", "kernel"), True),
+    "model.embed_tokens.weight": (("embed_tokens",), None),
+    "model.norm.weight": (("norm", "weight"), None),
+    "lm_head.weight": (("lm_head", "kernel"), tree.transpose),
 }
 _PER_LAYER = {
-    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
-    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
-    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
-    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
-    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
-    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
-    "input_layernorm.weight": (("input_layernorm", "weight"), False),
-    "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), False),
+    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), tree.transpose),
+    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), tree.transpose),
+    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), tree.transpose),
+    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), tree.transpose),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), tree.transpose),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), tree.transpose),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), tree.transpose),
+    "input_layernorm.weight": (("input_layernorm", "weight"), None),
+    "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), None),
 }
 
 
-def llama_key_map(cfg: LlamaConfig, prefix: str = "") -> dict[str, tuple[tuple, int | None, bool]]:
-  """Every expected source key -> (target path, layer row or None, transpose)."""
-  mapping = {prefix + k: (path, None, t) for k, (path, t) in _TOP_LEVEL.items()}
+def llama_key_map(cfg: LlamaConfig, prefix: str = "") -> dict[str, tree.Rule]:
+  """Every expected source key -> where it goes in our tree."""
+  mapping = {prefix + k: tree.Rule.to(path, None, t) for k, (path, t) in _TOP_LEVEL.items()}
   for i in range(cfg.num_layers):
     for suffix, (path, t) in _PER_LAYER.items():
-      mapping[f"{prefix}model.layers.{i}.{suffix}"] = (("layers",) + path, i, t)
+      mapping[f"{prefix}model.layers.{i}.{suffix}"] = tree.Rule.to(("layers",) + path, i, t)
   return mapping
 
 

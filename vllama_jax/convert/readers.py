@@ -49,14 +49,24 @@ def load_torch_pickle(path: str) -> dict:
                           f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
 
 
-def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Tensors of one .safetensors file or one flat torch state-dict pickle."""
+def iter_file(path: str, entry: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  """Tensors of one .safetensors file or one torch state-dict pickle.
+
+  `entry` selects a sub-dict of a pickle, e.g. "model" in a LAVIS training-run checkpoint
+  ({"model", "optimizer", "config", "scaler", "epoch"}); everything beside it is never read.
+  """
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
   if path.endswith(".safetensors"):
     yield from _iter_safetensors(path)
   elif path.endswith(PICKLE_SUFFIXES):
     state = load_torch_pickle(path)
+    if entry is not None:
+      if not isinstance(state, dict) or not isinstance(state.get(entry), dict):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: expected a training-run checkpoint with a {entry!r} state dict, "
+                              f"found {found}")
+      state = state[entry]
     if not isinstance(state, dict):
       raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     for key in list(state):

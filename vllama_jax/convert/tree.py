@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -11,6 +12,27 @@ import numpy as np
 from vllama_jax.errors import CheckpointError
 
 MAX_LISTED = 20
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def transpose(t: np.ndarray) -> np.ndarray:
+  """torch Linear weight (out, in) -> our kernel (in, out)."""
+  return t.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Where one source tensor goes: (target path, layer row or None, transform) for each target.
+
+  `shape` is the source shape to expect; when None, the transformed tensor must match its target.
+  A fused tensor (EVA's qkv) has several targets, each taking its part through its transform.
+  """
+  targets: tuple[tuple[tuple, int | None, Transform | None], ...]
+  shape: tuple[int, ...] | None = None
+
+  @classmethod
+  def to(cls, path: tuple, row: int | None = None, transform: Transform | None = None) -> "Rule":
+    return cls(((tuple(path), row, transform),))
 
 
 def allocate(abstract_tree, dtype) -> dict:
@@ -18,52 +40,58 @@ def allocate(abstract_tree, dtype) -> dict:
   return jax.tree.map(lambda a: np.empty(a.shape, dtype), abstract_tree)
 
 
-def fill(out: dict, tensors: Iterable[tuple[str, str, np.ndarray]],
-         key_map: dict[str, tuple[tuple, int | None, bool]],
-         ignored: Iterable[re.Pattern] = (), source: str = "checkpoint") -> None:
-  """Copies each (file, key, tensor) into `out` as `key_map` says, casting to the output dtype.
+def fill(out: dict, tensors: Iterable[tuple[str, str, np.ndarray]], rules: dict[str, Rule],
+         ignored: Iterable[re.Pattern | Callable[[str], bool]] = (), source: str = "checkpoint") -> None:
+  """Copies each (file, key, tensor) into `out` as `rules` say, casting to the output dtype.
 
-  Raises one CheckpointError that names every unexpected, duplicated, mis-shaped or missing key.
+  Keys matched by `ignored` (regexes or predicates) are dropped on purpose. Raises one
+  CheckpointError that names every unexpected, duplicated, mis-shaped or missing key.
   """
-  ignored = tuple(ignored)
+  ignored = [p.fullmatch if isinstance(p, re.Pattern) else p for p in ignored]
   seen: set[str] = set()
   unexpected, problems = [], []
   for path, key, tensor in tensors:
-    if key not in key_map:
-      if not any(p.fullmatch(key) for p in ignored):
+    rule = rules.get(key)
+    if rule is None:
+      if not any(drop(key) for drop in ignored):
         unexpected.append(f"{key} (in {path})")
       continue
     if key in seen:
       problems.append(f"{key} appears twice (again in {path})")
       continue
     seen.add(key)
-    target_path, row, transpose = key_map[key]
-    array = _get(out, target_path)
-    target = array if row is None else array[row]
-    expected = target.shape[::-1] if transpose else target.shape
-    if tuple(tensor.shape) != tuple(expected):
-      problems.append(f"{key} (in {path}) has shape {tuple(tensor.shape)}, expected {tuple(expected)} "
+    if rule.shape is not None and tuple(tensor.shape) != tuple(rule.shape):
+      problems.append(f"{key} (in {path}) has shape {tuple(tensor.shape)}, expected {tuple(rule.shape)} "
                       "from the config")
       continue
-    target[...] = (tensor.T if transpose else tensor).astype(array.dtype, copy=False)
-  missing = [k for k in key_map if k not in seen]
+    for target_path, row, transform in rule.targets:
+      array = get(out, target_path)
+      target = array if row is None else array[row]
+      value = transform(tensor) if transform is not None else tensor
+      if value.shape != target.shape:
+        expected = target.shape[::-1] if transform is transpose else target.shape
+        problems.append(f"{key} (in {path}) has shape {tuple(tensor.shape)}, expected {tuple(expected)} "
+                        "from the config")
+        break
+      target[...] = value.astype(array.dtype, copy=False)
+  missing = [k for k in rules if k not in seen]
   message = []
   if unexpected:
-    message.append(f"unexpected keys: {_listing(unexpected)}")
+    message.append(f"unexpected keys: {listing(unexpected)}")
   if problems:
     message.append("; ".join(problems[:MAX_LISTED]))
   if missing:
-    message.append(f"missing keys: {_listing(missing)}")
+    message.append(f"missing keys: {listing(missing)}")
   if message:
     raise CheckpointError(f"{source}: " + " | ".join(message))
 
 
-def _get(tree: dict, path: tuple):
+def get(tree: dict, path: tuple):
   for part in path:
     tree = tree[part]
   return tree
 
 
-def _listing(keys: list[str]) -> str:
+def listing(keys: list[str]) -> str:
   shown = ", ".join(keys[:MAX_LISTED])
   return shown + (f" ... and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
