@@ -1,6 +1,13 @@
 """Convert released PyTorch / Hugging Face checkpoints into one vllama_jax directory.
 
-  python convert_weights.py --llama /path/to/hf-llama-dir --out converted/ [--dtype float32]
+  python convert_weights.py --out converted/ \\
+      --llama /path/to/vicuna-7b \\                       # HF LLaMA/Vicuna dir (+ tokenizer)
+      --eva eva_vit_g.pth --blip2 blip2_pretrained_flant5xxl.pth \\
+      --vl-ckpt finetune-vicuna7b-v2.pth                   # Video-LLaMA VL branch (optional)
+
+Each part is optional, but the vision files go together. Without --vl-ckpt the trainable vision
+parts (video Q-Former, frame positions, llama_proj) are initialised as the reference initialises
+them for training, and config.json says so.
 """
 
 from __future__ import annotations
@@ -14,25 +21,51 @@ from vllama_jax.errors import VllamaError
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--llama", required=True, help="Hugging Face LLaMA/Vicuna directory (config.json, "
-                      "weights as *.safetensors or pytorch_model*.bin with their index, tokenizer files)")
   parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  parser.add_argument("--llama", help="Hugging Face LLaMA/Vicuna directory (config.json, weights as "
+                      "*.safetensors or pytorch_model*.bin with their index, tokenizer files)")
+  parser.add_argument("--eva", help="eva_vit_g.pth: the EVA ViT-g state dict (LAVIS names)")
+  parser.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth: BLIP-2 Q-Former, query tokens, ln_vision")
+  parser.add_argument("--vl-ckpt", help="a Video-LLaMA VL checkpoint (video Q-Former, frame positions, llama_proj)")
+  parser.add_argument("--llm-hidden", type=int,
+                      help="LLM width for llama_proj when neither --llama nor --vl-ckpt gives it")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                      help="dtype of the converted weights (default: bfloat16)")
-  return parser.parse_args(argv)
+                      help="dtype of the converted frozen weights (default: bfloat16); trainable "
+                      "vision parts are always float32")
+  parser.add_argument("--seed", type=int, default=0, help="seed for parts initialised rather than converted")
+  args = parser.parse_args(argv)
+  if not (args.llama or args.eva or args.blip2 or args.vl_ckpt):
+    parser.error("nothing to convert: give --llama and/or --eva with --blip2")
+  if (args.eva is None) != (args.blip2 is None) or (args.vl_ckpt and not args.eva):
+    parser.error("the vision branch needs --eva and --blip2 together (and --vl-ckpt only with them)")
+  return args
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from vllama_jax.convert.llama import convert_llama_checkpoint
-  start = time.time()
+  from vllama_jax.convert.output import staged_output
+  from vllama_jax.pretrained import write_config
+  start, parts, done = time.time(), {}, []
   try:
-    cfg = convert_llama_checkpoint(args.llama, args.out, dtype=args.dtype)
+    with staged_output(args.out) as staging:
+      llm_hidden = args.llm_hidden
+      if args.llama:
+        from vllama_jax.convert.llama import convert_llama
+        cfg, parts["llama"] = convert_llama(args.llama, staging, dtype=args.dtype)
+        llm_hidden = llm_hidden or cfg.hidden_size
+        done.append(f"LLaMA ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
+      if args.eva:
+        from vllama_jax.convert.video_branch import VIDEO_BRANCH, convert_video_branch
+        entry = convert_video_branch(args.eva, args.blip2, args.vl_ckpt, staging, llm_hidden_size=llm_hidden,
+                                     dtype=args.dtype, seed=args.seed)
+        parts[VIDEO_BRANCH] = entry
+        done.append("video branch" + (f" (initialised: {', '.join(entry['initialised'])})"
+                                      if entry.get("initialised") else ""))
+      write_config(staging, parts)
   except VllamaError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"converted LLaMA ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-        f"{args.dtype}) to {args.out} in {time.time() - start:.1f}s")
+  print(f"converted {'; '.join(done)} ({args.dtype}) to {args.out} in {time.time() - start:.1f}s")
   return 0
 
 

@@ -59,7 +59,7 @@ def test_default_dtype_is_bfloat16(tmp_path):
   assert convert_main(["--llama", src, "--out", str(tmp_path / "out")]) == 0
   model = load_llama(str(tmp_path / "out"))
   assert model.embed_tokens[...].dtype == ml_dtypes.bfloat16
-  assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["llama"]["torch_dtype"] == "bfloat16"
   assert_params_equal(model, state, dtype=ml_dtypes.bfloat16)
 
 
@@ -191,8 +191,8 @@ def test_converted_directory_errors(tmp_path):
   src, _ = hf_dir(tmp_path)
   out = tmp_path / "out"
   convert_llama_checkpoint(src, str(out), dtype="float32")
-  shutil.rmtree(out / "params" / "norm.weight")
-  with pytest.raises(CheckpointError, match=r"norm.weight: missing; the converted directory has no parameter"):
+  shutil.rmtree(out / "params" / "llama.norm.weight")
+  with pytest.raises(CheckpointError, match=r"llama.norm.weight: missing; the converted directory has no parameter"):
     load_llama(str(out))
   with pytest.raises(CheckpointError, match="config.json: no such file"):
     load_llama(str(tmp_path))

@@ -1,5 +1,9 @@
 """Converted model directories: orbax params + config.json + tokenizer files.
 
+  config.json        {"llama": <HF-style LLaMA config>, "video_branch": {...}, ...}, one entry per part
+  params/<part>.<path.to.param>/   one orbax checkpoint per parameter
+  tokenizer.model    (and whichever other tokenizer files the LLaMA directory had)
+
 A directory written on one machine loads onto any mesh: the restore target carries the shardings
 that `sharding.LOGICAL_RULES` gives each parameter on the mesh at hand.
 """
@@ -21,6 +25,7 @@ from vllama_jax.models.llama import Llama
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+LLAMA = "llama"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -60,8 +65,8 @@ def _leaves(tree: dict, prefix: str = ""):
       yield name, tree, key
 
 
-def restore_state(directory: str, abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-  """Restores `directory/params` into the structure of `abstract_state`, sharded over `mesh`."""
+def restore_state(directory: str, part: str, abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+  """Restores the parameters of `part` into the structure of `abstract_state`, sharded over `mesh`."""
   root = os.path.abspath(os.path.join(directory, PARAMS_DIR))
   if not os.path.isdir(root):
     raise CheckpointError(f"{root}: no such directory; expected the converted parameters written by "
@@ -69,7 +74,7 @@ def restore_state(directory: str, abstract_state: nnx.State, mesh: jax.sharding.
   target = sharding.abstract_with_shardings(abstract_state, mesh)
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
-    for name, parent, key in list(_leaves(target)):
+    for name, parent, key in list(_leaves(target, part + ".")):
       path = os.path.join(root, name)
       if not os.path.isdir(path):
         raise CheckpointError(f"{path}: missing; the converted directory has no parameter {name!r}")
@@ -88,23 +93,33 @@ def restore_state(directory: str, abstract_state: nnx.State, mesh: jax.sharding.
   return abstract_state
 
 
-def read_config(directory: str) -> dict:
+def read_config(directory: str, part: str) -> dict:
+  """The config entry of one part (e.g. "llama") of a converted directory."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file; expected a directory written by convert_weights.py")
   with open(path) as f:
-    return json.load(f)
+    config = json.load(f)
+  if part not in config:
+    raise CheckpointError(f"{path}: has no {part!r} part (it has {sorted(config)}); convert it with "
+                          "convert_weights.py")
+  return config[part]
+
+
+def write_config(directory: str, parts: dict[str, dict]) -> None:
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(parts, f, indent=2)
 
 
 def load_llama(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime) -> Llama:
   """Loads a converted LLaMA directory; `runtime` overrides config fields such as `remat`."""
-  hf = read_config(directory)
+  hf = read_config(directory, LLAMA)
   runtime.setdefault("dtype", hf.get("torch_dtype", "bfloat16"))
   cfg = LlamaConfig.from_hf(hf, **runtime)
   mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
   stacked_cfg = cfg.replace(scan_layers=True)  # the on-disk layout
   graphdef, abstract_state = sharding.abstract_model(lambda: Llama(stacked_cfg, rngs=nnx.Rngs(0)))
-  model = nnx.merge(graphdef, restore_state(directory, abstract_state, mesh))
+  model = nnx.merge(graphdef, restore_state(directory, LLAMA, abstract_state, mesh))
   return model if cfg.scan_layers else unstack_layers(model, mesh)
 
 

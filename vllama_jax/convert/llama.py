@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 from flax import nnx
@@ -13,7 +11,7 @@ from vllama_jax.convert import readers, tree
 from vllama_jax.convert.output import staged_output
 from vllama_jax.models.llama import Llama
 from vllama_jax.sharding import abstract_model
-from vllama_jax.pretrained import CONFIG_FILE, copy_tokenizer, save_params
+from vllama_jax.pretrained import LLAMA, copy_tokenizer, save_params, write_config
 
 # Buffers some conversions saved beside the weights; derived from the config, so dropped on purpose.
 IGNORED_KEYS = (
@@ -48,18 +46,22 @@ def llama_key_map(cfg: LlamaConfig, prefix: str = "") -> dict[str, tree.Rule]:
   return mapping
 
 
-def convert_llama_checkpoint(src_dir: str, out_dir: str, dtype: str = "bfloat16") -> LlamaConfig:
-  """Converts a Hugging Face LLaMA directory into a converted directory at `out_dir`."""
+def convert_llama(src_dir: str, staging: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, dict]:
+  """Writes the LLaMA part of a converted directory into `staging`; returns its config and entry."""
   cfg = LlamaConfig.from_hf(src_dir, dtype=dtype)
   files = readers.hf_weight_files(src_dir)
+  copy_tokenizer(src_dir, staging)
+  out = tree.allocate(abstract_params(cfg), cfg.dtype)
+  tree.fill(out, readers.iter_files(files), llama_key_map(cfg), IGNORED_KEYS, source=src_dir)
+  save_params(staging, {LLAMA: out})
+  return cfg, cfg.to_hf()
+
+
+def convert_llama_checkpoint(src_dir: str, out_dir: str, dtype: str = "bfloat16") -> LlamaConfig:
+  """Converts a Hugging Face LLaMA directory into a converted directory at `out_dir`."""
   with staged_output(out_dir) as staging:
-    copy_tokenizer(src_dir, staging)
-    out = tree.allocate(abstract_params(cfg), cfg.dtype)
-    tree.fill(out, readers.iter_files(files), llama_key_map(cfg), IGNORED_KEYS, source=src_dir)
-    save_params(staging, out)
-    del out
-    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-      json.dump(cfg.to_hf(), f, indent=2)
+    cfg, entry = convert_llama(src_dir, staging, dtype)
+    write_config(staging, {LLAMA: entry})
   return cfg
 
 

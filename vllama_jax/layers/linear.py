@@ -28,9 +28,10 @@ class Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, names: tuple[str | None, str | None],
                use_bias: bool = False, dtype="float32", rngs: nnx.Rngs,
-               kernel_init: Initializer = nnx.initializers.normal(0.02)):
+               kernel_init: Initializer = nnx.initializers.normal(0.02),
+               bias_init: Initializer = nnx.initializers.zeros):
     self.kernel = param(rngs, kernel_init, (in_features, out_features), dtype, names)
-    self.bias = param(rngs, nnx.initializers.zeros, (out_features,), dtype, names[1:]) if use_bias else None
+    self.bias = param(rngs, bias_init, (out_features,), dtype, names[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
