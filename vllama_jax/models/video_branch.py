@@ -59,7 +59,7 @@ class VideoBranchConfig:
     video = QFormerConfig.tiny(encoder_width=image.hidden_size, num_layers=2, cross_attention_freq=1,
                                num_query_tokens=6)
     return cls(vit=vit, image_qformer=image, video_qformer=video, llm_hidden_size=llm_hidden_size,
-               max_frames=8, **runtime)
+               **({"max_frames": 8} | runtime))
 
   def replace(self, **changes: Any) -> "VideoBranchConfig":
     return dataclasses.replace(self, **changes)
