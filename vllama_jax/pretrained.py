@@ -134,3 +134,14 @@ def unstack_layers(model: Llama, mesh: jax.sharding.Mesh) -> Llama:
                     for i in range(cfg.num_layers)}
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
+
+
+def load_video_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime):
+  """Loads the converted video branch (a `VideoBranch`); `runtime` overrides top-level config fields
+  such as `interpolate_frame_positions`."""
+  from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
+  from vllama_jax.models.video_branch import VideoBranch
+  cfg = video_branch_config_from_entry(read_config(directory, VIDEO_BRANCH), **runtime)
+  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  graphdef, abstract_state = sharding.abstract_model(lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)))
+  return nnx.merge(graphdef, restore_state(directory, VIDEO_BRANCH, abstract_state, mesh))
