@@ -1,8 +1,9 @@
 """convert_weights.py --eva/--blip2/--vl-ckpt: the video branch from synthetic files in the released layouts.
 
-Source files are written here with torch at `VideoBranchConfig.tiny()` sizes (the release config is
-patched to it): a flat fp16 EVA state dict with one block too many and EVA-CLIP's head, a BLIP-2
-`{"model": ...}` with t5_proj and buffers, and a Video-LLaMA training-run checkpoint.
+Source files are written here with torch at `VideoBranchConfig.tiny()` widths and the released ViT
+depth of 39 (the release config is patched to it): a flat fp16 EVA state dict with 40 blocks and
+EVA-CLIP's head, a BLIP-2 `{"model": ...}` with the Q-Former's text-side keys, t5_proj and buffers,
+and a Video-LLaMA training-run checkpoint.
 """
 
 import json
@@ -27,15 +28,23 @@ from vllama_jax.pretrained import load_llama, load_video_branch
 from vllama_jax.sharding import abstract_model
 
 HIDDEN = 64
-TINY = vb.conversion_config(VideoBranchConfig.tiny(HIDDEN), None, None, "float32")
+
+
+def tiny_release(llm_hidden_size, **runtime):
+  """Tiny widths, but the released depth of 39 blocks, so the EVA file carries 40 as eva_vit_g.pth."""
+  cfg = VideoBranchConfig.tiny(llm_hidden_size, **runtime)
+  return cfg.replace(vit=cfg.vit.replace(depth=39))
+
+
+TINY = vb.conversion_config(tiny_release(HIDDEN), None, None, "float32")
 ABSTRACT = nnx.to_pure_dict(abstract_model(lambda: VideoBranch(TINY, rngs=nnx.Rngs(0)))[1])
 FILES = ("eva", "blip2", "vl")
 
 
 @pytest.fixture(autouse=True)
-def tiny_release(monkeypatch):
+def release_is_tiny(monkeypatch):
   """convert_weights.py converts the release config; here that is the tiny one."""
-  monkeypatch.setattr(VideoBranchConfig, "release", classmethod(lambda cls, h, **kw: cls.tiny(h, **kw)))
+  monkeypatch.setattr(VideoBranchConfig, "release", classmethod(lambda cls, h, **kw: tiny_release(h, **kw)))
 
 
 def source_shape(rule: tree.Rule) -> tuple:
@@ -63,6 +72,13 @@ def states():
   eva |= {"norm.weight": randn(w), "norm.bias": randn(w), "head.weight": randn(10, w), "head.bias": randn(10)}
   blip2 = random_state(vb.blip2_rules(TINY), 1) | {
       "t5_proj.weight": randn(16, 32), "t5_proj.bias": randn(16),
+      # the text side of the BERT, which the video model never uses
+      "Qformer.bert.embeddings.word_embeddings.weight": randn(30, 32),
+      "Qformer.bert.embeddings.position_embeddings.weight": randn(12, 32),
+      "Qformer.bert.encoder.layer.0.intermediate.dense.weight": randn(64, 32),
+      "Qformer.bert.encoder.layer.1.output.dense.bias": randn(32),
+      "Qformer.bert.encoder.layer.1.output.LayerNorm.weight": randn(32),
+      "Qformer.cls.predictions.bias": randn(30),
       "Qformer.bert.embeddings.position_ids": torch.arange(512)[None]}
   vl = random_state(vb.vl_rules(TINY), 2) | {
       "Qformer.bert.embeddings.position_ids": torch.arange(512)[None],
