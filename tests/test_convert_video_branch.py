@@ -110,6 +110,16 @@ def write_sources(directory, states, vl_model_entry=True) -> dict:
   return paths
 
 
+def write_safetensors_sources(directory, states) -> dict:
+  """The same three state dicts as flat .safetensors files (no training-run wrapper)."""
+  from safetensors.torch import save_file
+  os.makedirs(directory, exist_ok=True)
+  paths = {name: os.path.join(str(directory), f"{name}.safetensors") for name in FILES}
+  for name in FILES:
+    save_file({k: v.contiguous() for k, v in states[name].items()}, paths[name])
+  return paths
+
+
 def cli(paths, out, *extra, vl=True):
   args = ["--eva", paths["eva"], "--blip2", paths["blip2"], "--out", str(out), *extra]
   return convert_main(args + (["--vl-ckpt", paths["vl"]] if vl else []))
@@ -309,3 +319,9 @@ def jax_to_float32(params):
 def bf16_round(state):
   """Source tensors as the bfloat16 conversion stores them, back in float32."""
   return {k: v.to(torch.bfloat16).float() if v.dtype.is_floating_point else v for k, v in state.items()}
+
+
+def test_safetensors_sources_convert_the_same(tmp_path, states):
+  paths = write_safetensors_sources(tmp_path / "src", states)
+  assert cli(paths, tmp_path / "out", "--llm-hidden", str(HIDDEN), "--dtype", "float32") == 0
+  assert_converted(nnx.to_pure_dict(nnx.state(load_video_branch(str(tmp_path / "out")))), states)
