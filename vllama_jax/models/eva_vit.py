@@ -25,6 +25,7 @@ from vllama_jax.errors import ConfigError
 from vllama_jax.layers.attention import dot_product_attention
 from vllama_jax.layers.linear import Linear, param
 from vllama_jax.layers.norms import LayerNorm
+from vllama_jax.layers.stack import stacked
 from vllama_jax.sharding import abstract_model, constrain
 
 HIDDEN = ("batch", "length", "act_embed")
@@ -153,16 +154,6 @@ class EvaBlock(nnx.Module):
     return constrain(x, HIDDEN)
 
 
-def _stacked_blocks(cfg: EvaVitConfig, rngs: nnx.Rngs) -> EvaBlock:
-  """One EvaBlock whose every parameter has a leading `layers` axis of size `depth`."""
-
-  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def make(key):
-    return EvaBlock(cfg, rngs=nnx.Rngs(params=key))
-
-  return make(jax.random.split(rngs.params(), cfg.depth))
-
-
 class EvaVisionTransformer(nnx.Module):
   """Pixels (B, H, W, 3), CLIP-normalised, NHWC -> `ln_vision` features (B, 1 + gh * gw, width)."""
 
@@ -172,7 +163,7 @@ class EvaVisionTransformer(nnx.Module):
     self.cls_token = param(rngs, nnx.initializers.normal(0.02), (cfg.width,), cfg.dtype, ("embed",))
     self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (cfg.num_positions, cfg.width), cfg.dtype,
                            ("positions", "embed"))
-    self.blocks = _stacked_blocks(cfg, rngs)
+    self.blocks = stacked(lambda r: EvaBlock(cfg, rngs=r), cfg.depth, rngs)
     self.ln_vision = LayerNorm(cfg.width, eps=cfg.ln_vision_eps, dtype=cfg.dtype, rngs=rngs)
 
   @property
@@ -203,14 +194,14 @@ class EvaVisionTransformer(nnx.Module):
     return jnp.concatenate([table[:1], resize_bicubic(patch_rows, grid).reshape(-1, table.shape[-1])])
 
   def _run_blocks(self, x: jax.Array) -> jax.Array:
-    graphdef, stacked = nnx.split(self.blocks)
+    graphdef, block_states = nnx.split(self.blocks)
 
     def body(h, block_state):
       return nnx.merge(graphdef, block_state)(h), None
 
     if self.config.remat:
       body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, stacked)
+    x, _ = jax.lax.scan(body, x, block_states)
     return x
 
 

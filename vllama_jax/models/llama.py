@@ -18,6 +18,7 @@ from vllama_jax.layers.attention import causal_mask, dot_product_attention
 from vllama_jax.layers.linear import Linear, param
 from vllama_jax.layers.norms import RMSNorm
 from vllama_jax.layers.rope import apply_rope, rope_cos_sin
+from vllama_jax.layers.stack import stacked
 from vllama_jax.sharding import constrain
 
 HIDDEN = ("batch", "length", "act_embed")
@@ -104,16 +105,6 @@ class LlamaDecoderLayer(nnx.Module):
     return constrain(x, HIDDEN), new_kv
 
 
-def _stacked_layers(cfg: LlamaConfig, rngs: nnx.Rngs) -> LlamaDecoderLayer:
-  """One LlamaDecoderLayer whose every parameter has a leading `layers` axis."""
-
-  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def make(key):
-    return LlamaDecoderLayer(cfg, rngs=nnx.Rngs(params=key))
-
-  return make(jax.random.split(rngs.params(), cfg.num_layers))
-
-
 class Llama(nnx.Module):
   """LlamaForCausalLM: token ids or `inputs_embeds` in, float32 logits out."""
 
@@ -122,7 +113,7 @@ class Llama(nnx.Module):
     self.embed_tokens = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                               cfg.dtype, ("vocab", "embed"))
     if cfg.scan_layers:
-      self.layers = _stacked_layers(cfg, rngs)
+      self.layers = stacked(lambda r: LlamaDecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
     else:
       self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, rngs=rngs)
@@ -148,7 +139,7 @@ class Llama(nnx.Module):
     arrays for scanned layers, tuples of per-layer arrays otherwise."""
     if not self.config.scan_layers:
       return self._loop_layers(x, cos, sin, mask, cache)
-    graphdef, stacked = nnx.split(self.layers)
+    graphdef, layer_states = nnx.split(self.layers)
 
     def run_layer(layer_state, h, layer_cache):
       return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, layer_cache)
@@ -159,7 +150,7 @@ class Llama(nnx.Module):
     if cache is None:  # per-layer keys/values come out stacked as the scan's outputs
       def body(h, layer_state):
         return run_layer(layer_state, h, None)
-      return jax.lax.scan(body, x, stacked)
+      return jax.lax.scan(body, x, layer_states)
 
     k_all, v_all, index = cache  # the cache rides in the carry so XLA updates it in place
 
@@ -170,7 +161,7 @@ class Llama(nnx.Module):
       return (h, k_all, v_all), None
 
     layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, k_all, v_all), (stacked, layer_ids))
+    (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, k_all, v_all), (layer_states, layer_ids))
     return x, (k_all, v_all)
 
   def _loop_layers(self, x, cos, sin, mask, cache):
