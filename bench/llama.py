@@ -24,6 +24,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from vllama_jax.torch_compat import install_torchvision_shim  # noqa: E402
+
+install_torchvision_shim()  # before transformers imports a model (and with it torchvision)
+
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -3,26 +3,15 @@ import os
 # Eight fake CPU devices for the sharding tests; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
 
-# PyPI's torchvision (pulled in for the timm / ImageBind references) is CUDA-linked and registers
-# fake kernels for ops its C++ library would define; with a CPU torch that library cannot load, so
-# define the two op schemas first. transformers imports torchvision as soon as a model is imported.
-if "+cpu" in torch.__version__:
-  _torchvision_ops = torch.library.Library("torchvision", "DEF")
-  _torchvision_ops.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  _torchvision_ops.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-try:  # pytorchvideo 0.1.5 imports a module torchvision has since renamed
-  import torchvision.transforms._functional_tensor as _functional_tensor
-  sys.modules.setdefault("torchvision.transforms.functional_tensor", _functional_tensor)
-except ImportError:
-  pass
+from vllama_jax.torch_compat import install_torchvision_shim
+
+install_torchvision_shim()  # before anything imports a transformers model
 
 
 @pytest.fixture
