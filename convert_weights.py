@@ -3,11 +3,12 @@
   python convert_weights.py --out converted/ \\
       --llama /path/to/vicuna-7b \\                       # HF LLaMA/Vicuna dir (+ tokenizer)
       --eva eva_vit_g.pth --blip2 blip2_pretrained_flant5xxl.pth \\
-      --vl-ckpt finetune-vicuna7b-v2.pth                   # Video-LLaMA VL branch (optional)
+      --vl-ckpt finetune-vicuna7b-v2.pth \                 # Video-LLaMA VL branch (optional)
+      --imagebind imagebind_huge.pth --al-ckpt finetune_vicuna7b_audiobranch.pth
 
-Each part is optional, but the vision files go together. Without --vl-ckpt the trainable vision
-parts (video Q-Former, frame positions, llama_proj) are initialised as the reference initialises
-them for training, and config.json says so.
+Each part is optional, but the vision files go together. Without --vl-ckpt (--al-ckpt) the
+trainable parts of the video (audio) branch are initialised as the reference initialises them for
+training, and config.json says so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--eva", help="eva_vit_g.pth: the EVA ViT-g state dict (LAVIS names)")
   parser.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth: BLIP-2 Q-Former, query tokens, ln_vision")
   parser.add_argument("--vl-ckpt", help="a Video-LLaMA VL checkpoint (video Q-Former, frame positions, llama_proj)")
+  parser.add_argument("--imagebind", help="imagebind_huge.pth: ImageBind's audio and vision encoders")
+  parser.add_argument("--al-ckpt", help="a Video-LLaMA AL checkpoint (audio Q-Former, positions, projection)")
   parser.add_argument("--llm-hidden", type=int,
                       help="LLM width for llama_proj when neither --llama nor --vl-ckpt gives it")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -34,10 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "vision parts are always float32")
   parser.add_argument("--seed", type=int, default=0, help="seed for parts initialised rather than converted")
   args = parser.parse_args(argv)
-  if not (args.llama or args.eva or args.blip2 or args.vl_ckpt):
-    parser.error("nothing to convert: give --llama and/or --eva with --blip2")
+  if not (args.llama or args.eva or args.blip2 or args.vl_ckpt or args.imagebind or args.al_ckpt):
+    parser.error("nothing to convert: give --llama, --eva with --blip2, and/or --imagebind")
   if (args.eva is None) != (args.blip2 is None) or (args.vl_ckpt and not args.eva):
     parser.error("the vision branch needs --eva and --blip2 together (and --vl-ckpt only with them)")
+  if args.al_ckpt and not args.imagebind:
+    parser.error("--al-ckpt goes with --imagebind")
   return args
 
 
@@ -60,6 +65,13 @@ def main(argv=None) -> int:
                                      dtype=args.dtype, seed=args.seed)
         parts[VIDEO_BRANCH] = entry
         done.append("video branch" + (f" (initialised: {', '.join(entry['initialised'])})"
+                                      if entry.get("initialised") else ""))
+      if args.imagebind:
+        from vllama_jax.convert.audio_branch import AUDIO_BRANCH, convert_audio_branch
+        entry = convert_audio_branch(args.imagebind, args.al_ckpt, staging, llm_hidden_size=llm_hidden,
+                                     dtype=args.dtype, seed=args.seed)
+        parts[AUDIO_BRANCH] = entry
+        done.append("audio branch" + (f" (initialised: {', '.join(entry['initialised'])})"
                                       if entry.get("initialised") else ""))
       write_config(staging, parts)
   except VllamaError as e:

@@ -145,3 +145,14 @@ def load_video_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
   mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
   graphdef, abstract_state = sharding.abstract_model(lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)))
   return nnx.merge(graphdef, restore_state(directory, VIDEO_BRANCH, abstract_state, mesh))
+
+
+def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime):
+  """Loads the converted audio branch (an `AudioBranch`); `runtime` overrides top-level config fields
+  such as `train_on`."""
+  from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
+  from vllama_jax.models.audio_branch import AudioBranch
+  cfg = audio_branch_config_from_entry(read_config(directory, AUDIO_BRANCH), **runtime)
+  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  graphdef, abstract_state = sharding.abstract_model(lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)))
+  return nnx.merge(graphdef, restore_state(directory, AUDIO_BRANCH, abstract_state, mesh))

@@ -18,13 +18,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Iterable
+from typing import Any
 
-import jax
-import numpy as np
 from flax import nnx
 
-from vllama_jax.convert import readers, tree
+from vllama_jax.convert import parts, readers, tree
 from vllama_jax.convert.eva import dropped_blocks, eva_key_map
 from vllama_jax.convert.qformer import IGNORED_KEYS as QFORMER_BUFFERS
 from vllama_jax.convert.qformer import IMAGE_KEYS, VIDEO_KEYS, qformer_ignored, qformer_key_map
@@ -64,15 +62,9 @@ VL_IGNORED = (
 
 # ---- rules per source file ------------------------------------------------------------------------
 
-def _under(module: str, rules: dict[str, tree.Rule]) -> dict[str, tree.Rule]:
-  """The same rules with every target path moved under `module` of the VideoBranch tree."""
-  return {key: tree.Rule(tuple(((module,) + path, row, t) for path, row, t in rule.targets), rule.shape)
-          for key, rule in rules.items()}
-
-
 def _split_ln_vision(cfg: VideoBranchConfig) -> tuple[dict[str, tree.Rule], dict[str, tree.Rule]]:
   """(ViT rules, ln_vision rules), both targeting `visual_encoder`."""
-  rules = _under("visual_encoder", eva_key_map(cfg.vit))
+  rules = parts.under("visual_encoder", eva_key_map(cfg.vit))
   ln_vision = {k: r for k, r in rules.items() if k.startswith("ln_vision.")}
   return {k: r for k, r in rules.items() if k not in ln_vision}, ln_vision
 
@@ -136,38 +128,9 @@ def video_branch_config_from_entry(entry: dict, **runtime: Any) -> VideoBranchCo
 
 # ---- conversion -----------------------------------------------------------------------------------
 
-def _fill(out: dict, path: str, entry: str | None, rules: dict[str, tree.Rule], ignored: Iterable) -> None:
-  tensors = ((path, key, tensor) for key, tensor in readers.iter_file(path, entry))
-  tree.fill(out, tensors, rules, ignored, source=path)
-
-
-def _leaf_paths(params: dict, prefix: tuple = ()) -> Iterable[tuple]:
-  for key, value in params.items():
-    if isinstance(value, dict):
-      yield from _leaf_paths(value, prefix + (key,))
-    else:
-      yield prefix + (key,)
-
-
-def _check_coverage(out: dict, rule_sets: Iterable[dict[str, tree.Rule]], initialised: Iterable[str]) -> None:
-  """Every parameter is written by some rule or initialised: none is saved uninitialised."""
-  covered = {path for rules in rule_sets for rule in rules.values() for path, _, _ in rule.targets}
-  left = [p for p in _leaf_paths(out) if p not in covered and p[0] not in initialised]
-  if left:
-    raise RuntimeError(f"no conversion rule writes {['.'.join(map(str, p)) for p in left]}")
-
-
 def initial_trainables(cfg: VideoBranchConfig, seed: int) -> dict:
-  """The trainable parts of `VideoBranch(cfg, rngs=nnx.Rngs(seed))`, as numpy.
-
-  The whole module is built under `jax.jit`, which returns only the trainable parts, so the
-  frozen encoders' initialisation is traced but never computed.
-  """
-  def init():
-    params = nnx.to_pure_dict(nnx.state(VideoBranch(cfg, rngs=nnx.Rngs(seed))))
-    return {name: params[name] for name in TRAINABLE}
-
-  return jax.tree.map(np.asarray, jax.jit(init)())
+  """The trainable parts of `VideoBranch(cfg, rngs=nnx.Rngs(seed))`, as numpy."""
+  return parts.initial_params(lambda rngs: VideoBranch(cfg, rngs=rngs), TRAINABLE, seed)
 
 
 def convert_video_branch(eva_path: str, blip2_path: str, vl_ckpt_path: str | None, staging: str, *,
@@ -183,18 +146,18 @@ def convert_video_branch(eva_path: str, blip2_path: str, vl_ckpt_path: str | Non
       raise CheckpointError(f"{path}: no such file")
   cfg = conversion_config(cfg, llm_hidden_size, vl_ckpt_path, dtype)
   abstract = nnx.to_pure_dict(abstract_model(lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)))[1])
-  out = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)  # each part in its own dtype
+  out = parts.allocate_like(abstract)  # each parameter in its own dtype
   rule_sets = [eva_rules(cfg), blip2_rules(cfg)]
-  _fill(out, eva_path, None, rule_sets[0], [dropped_blocks(cfg.vit), *EVA_IGNORED])
-  _fill(out, blip2_path, "model", rule_sets[1], BLIP2_IGNORED)
+  parts.fill_file(out, eva_path, None, rule_sets[0], [dropped_blocks(cfg.vit), *EVA_IGNORED])
+  parts.fill_file(out, blip2_path, "model", rule_sets[1], BLIP2_IGNORED)
   if vl_ckpt_path:
     rule_sets.append(vl_rules(cfg))
-    _fill(out, vl_ckpt_path, "model", rule_sets[2], VL_IGNORED)
+    parts.fill_file(out, vl_ckpt_path, "model", rule_sets[2], VL_IGNORED)
     initialised = []
   else:
     out |= initial_trainables(cfg, seed)
     initialised = list(TRAINABLE)
-  _check_coverage(out, rule_sets, initialised)
+  parts.check_coverage(out, rule_sets, initialised)
   save_params(staging, {VIDEO_BRANCH: out})
   sources = {"eva": eva_path, "blip2": blip2_path, "vl_ckpt": vl_ckpt_path}
   return dataclasses.asdict(cfg) | {
