@@ -288,3 +288,45 @@ def test_fbank_speed():
   per_video = (time.perf_counter() - t) / 5
   print(f"audio_features of a 10 s waveform at 16 kHz: {per_video * 1e3:.1f} ms")
   assert per_video < 0.2  # ~20 ms here; a loose bound so a busy machine does not fail it
+
+
+# -- The bad inputs, each against the reference path --------------------------------------
+
+def test_half_second_clip_matches_reference(tmp_path):
+  x = tone_mix(0.5, 16000, 1)
+  path = str(tmp_path / "half.wav")
+  sf.write(path, x[0], 16000, subtype="FLOAT")
+  ours = audio_features(path)
+  assert ours.shape == (8, 1, 128, 204)
+  assert np.abs(ours - ref_features(x, 16000)).max() <= 1e-3
+  np.testing.assert_allclose(ours[:, :, :, 48:], 4.268 / 9.138, atol=1e-6)  # 48 frames of 8000 samples
+
+
+def test_six_channel_audio_uses_channel_zero_after_the_all_channel_mean(tmp_path):
+  x = tone_mix(3.0, 16000, 6)  # 5.1: six channels, each with its own offset
+  path = str(tmp_path / "surround.wav")
+  sf.write(path, x.T, 16000, subtype="FLOAT")
+  w = load_audio(path)
+  assert w.samples.shape == (6, 48000)
+  assert np.abs(audio_features(path) - ref_features(x, 16000)).max() <= 1e-3
+
+
+def test_8khz_file_is_resampled_like_the_reference(tmp_path):
+  x = tone_mix(2.5, 8000, 1)
+  path = str(tmp_path / "narrow.wav")
+  sf.write(path, x[0], 8000, subtype="FLOAT")
+  assert load_audio(path).sample_rate == 16000
+  assert np.abs(audio_features(path) - ref_features(x, 8000)).max() <= 1e-3
+
+
+def test_truncated_video_is_decoded_up_to_the_cut_or_named(tmp_path):
+  path = write_media(tmp_path / "whole.mp4", tone_mix(3.0, 16000, 1), 16000, video_seconds=3.0)
+  data = open(path, "rb").read()
+  cut = tmp_path / "cut.mp4"
+  cut.write_bytes(data[: len(data) // 2])
+  try:
+    features = audio_features(cut)
+  except MediaError as e:  # the index (moov) may be lost with the tail: then a clear error
+    assert "cut.mp4" in str(e)
+  else:
+    assert features is None or (features.shape == (8, 1, 128, 204) and np.isfinite(features).all())
