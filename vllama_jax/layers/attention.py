@@ -16,13 +16,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   b, tq, h, d = q.shape
   kv = k.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  q = q.reshape(b, tq, kv, h // kv, d)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  # Heads first, so each einsum is a plain batched matmul: XLA's CPU backend handles the
+  # (B, T, H, D) contraction 3-4x more slowly.
+  q = q.reshape(b, tq, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # (B, KV, G, Tq, D)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, Tk, D)
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-  return out.reshape(b, tq, h, d)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 
 def causal_mask(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
