@@ -136,15 +136,20 @@ def unstack_layers(model: Llama, mesh: jax.sharding.Mesh) -> Llama:
   return nnx.merge(graphdef, state)
 
 
+def _load_part(directory: str, part: str, build, mesh: jax.sharding.Mesh | None):
+  """The module `build()` returns, holding the parameters of `part` restored onto `mesh`."""
+  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  graphdef, abstract_state = sharding.abstract_model(build)
+  return nnx.merge(graphdef, restore_state(directory, part, abstract_state, mesh))
+
+
 def load_video_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime):
   """Loads the converted video branch (a `VideoBranch`); `runtime` overrides top-level config fields
   such as `interpolate_frame_positions`."""
   from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
   from vllama_jax.models.video_branch import VideoBranch
   cfg = video_branch_config_from_entry(read_config(directory, VIDEO_BRANCH), **runtime)
-  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  graphdef, abstract_state = sharding.abstract_model(lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)))
-  return nnx.merge(graphdef, restore_state(directory, VIDEO_BRANCH, abstract_state, mesh))
+  return _load_part(directory, VIDEO_BRANCH, lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
 def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **runtime):
@@ -153,6 +158,4 @@ def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
   from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
   from vllama_jax.models.audio_branch import AudioBranch
   cfg = audio_branch_config_from_entry(read_config(directory, AUDIO_BRANCH), **runtime)
-  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  graphdef, abstract_state = sharding.abstract_model(lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)))
-  return nnx.merge(graphdef, restore_state(directory, AUDIO_BRANCH, abstract_state, mesh))
+  return _load_part(directory, AUDIO_BRANCH, lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)), mesh)
