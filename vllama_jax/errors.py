@@ -11,3 +11,7 @@ class ConfigError(VllamaError, ValueError):
 
 class CheckpointError(VllamaError, ValueError):
   """A checkpoint file is missing, unreadable, or does not match the expected keys and shapes."""
+
+
+class PromptError(VllamaError, ValueError):
+  """A prompt or conversation does not fit its template or its media inputs."""
