@@ -94,6 +94,21 @@ def test_eos_and_multi_token_stop_sequences(models, prompts):
     np.testing.assert_array_equal(out.tokens[i, :expected], toks[:expected])
 
 
+def test_streamed_tokens_arrive_in_order_and_equal_the_result(models, prompts):
+  generator = Generator(models[2], length_multiple=16)
+  row = generator([jnp.asarray(prompts[1])], SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True,
+                                                            eos_token_id=None)).tokens[0]
+  stop = (int(row[4]),)  # rows stop at different steps
+  config = SamplingConfig(max_new_tokens=NEW_TOKENS, seed=5, eos_token_id=None, stop_sequences=(stop,))
+  seen = []
+  out = generator([jnp.asarray(p) for p in prompts], config,
+                  on_step=lambda step, tokens, active: seen.append((step, tokens.copy(), active.copy())))
+  assert [s for s, _, _ in seen] == list(range(len(seen)))
+  streamed = [[int(t[i]) for _, t, a in seen if a[i]] for i in range(len(prompts))]
+  assert streamed == out.rows()
+  np.testing.assert_array_equal(generator([jnp.asarray(p) for p in prompts], config).tokens, out.tokens)
+
+
 def test_sampling_is_reproducible_per_row_and_seed_dependent(models, prompts):
   model = models[1]
   generator = Generator(model, length_multiple=16)

@@ -8,8 +8,10 @@ reuse one compiled program.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import NamedTuple, Sequence
+import threading
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +55,33 @@ def _stop_table(stop_sequences: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray
   return table, width
 
 
+class _StreamDispatch:
+  """Routes the tokens a compiled program reports at each step to the caller's callback, in step
+  order (host callbacks are unordered effects, run on a runtime thread). One streamed generation
+  at a time: `Generator.__call__` holds `lock` while streaming."""
+  lock = threading.Lock()
+  callback: Callable | None = None
+  pending: dict
+  next_step: int = 0
+
+  def start(self, callback):
+    self.callback, self.pending, self.next_step = callback, {}, 0
+
+  def __call__(self, step, tokens, active):
+    if self.callback is None:
+      return
+    self.pending[int(step)] = (np.asarray(tokens), np.asarray(active))
+    while self.next_step in self.pending:
+      self.callback(self.next_step, *self.pending.pop(self.next_step))
+      self.next_step += 1
+
+
+_stream = _StreamDispatch()
+_no_lock = contextlib.nullcontext()
+
+
 def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens: int, greedy: bool,
-              stop_sequences: tuple, eos_token_id: int | None, pad_token_id: int):
+              stop_sequences: tuple, eos_token_id: int | None, pad_token_id: int, stream: bool):
   model: Llama = nnx.merge(graphdef, state)
   embeds, mask = left_align(embeds, mask)
   batch, prompt_len, _ = embeds.shape
@@ -69,6 +96,8 @@ def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens:
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     token = choose_tokens(logits, seen, keys, knobs, greedy)
     token = jnp.where(done, pad_token_id, token)
+    if stream:
+      jax.debug.callback(_stream, step, token, ~done)
     tokens = tokens.at[:, step].set(token)
     history = jax.lax.dynamic_update_slice(history, token[:, None], (0, width + step))
     stopped = jnp.zeros_like(done)
@@ -104,7 +133,7 @@ def _generate(graphdef, state, embeds, mask, row_keys, knobs, *, max_new_tokens:
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "greedy", "stop_sequences", "eos_token_id", "pad_token_id"))
+    "max_new_tokens", "greedy", "stop_sequences", "eos_token_id", "pad_token_id", "stream"))
 
 
 def bucket(n: int, multiple: int) -> int:
@@ -125,9 +154,14 @@ class Generator:
     self._graphdef, self._state = nnx.split(self.model)
 
   def __call__(self, prompts: Sequence[jax.Array], config: SamplingConfig = SamplingConfig(),
-               seeds: Sequence[int] | None = None) -> GenerationOutput:
+               seeds: Sequence[int] | None = None,
+               on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> GenerationOutput:
     """prompts: (P_i, H) embeddings per row. Row i samples with `seeds[i]` (default `config.seed + i`),
-    so any row can be reproduced alone by passing its seed."""
+    so any row can be reproduced alone by passing its seed.
+
+    `on_step(step, tokens, active)`, if given, is called as decoding runs with the token each row
+    chose at `step` ((B,) int32) and whether that row was still generating ((B,) bool).
+    """
     n = len(prompts)
     if n == 0:
       raise ValueError("no prompts given")
@@ -148,12 +182,22 @@ class Generator:
     mask[n:, -1] = 1  # filler rows: one dummy token, results discarded
     seeds = seeds + [0] * (batch - n)
     row_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    tokens, lengths = _generate_jit(
-        self._graphdef, self._state, embeds, jnp.asarray(mask), row_keys, config.knobs(),
-        max_new_tokens=config.max_new_tokens, greedy=config.greedy,
-        stop_sequences=config.stop_sequences, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id)
-    return GenerationOutput(np.asarray(tokens)[:n], np.asarray(lengths)[:n])
+    with _stream.lock if on_step is not None else _no_lock:
+      return self._run(embeds, mask, row_keys, config, n, on_step)
+
+  def _run(self, embeds, mask, row_keys, config, n, on_step):
+    _stream.start(None if on_step is None else lambda step, t, a: on_step(step, t[:n], a[:n]))
+    try:
+      tokens, lengths = _generate_jit(
+          self._graphdef, self._state, embeds, jnp.asarray(mask), row_keys, config.knobs(),
+          max_new_tokens=config.max_new_tokens, greedy=config.greedy,
+          stop_sequences=config.stop_sequences, eos_token_id=config.eos_token_id,
+          pad_token_id=config.pad_token_id, stream=on_step is not None)
+      tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+      jax.effects_barrier()
+    finally:
+      _stream.start(None)
+    return GenerationOutput(tokens[:n], lengths[:n])
 
   @staticmethod
   def compiled_programs() -> int:
