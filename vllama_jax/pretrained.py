@@ -10,6 +10,7 @@ that `sharding.LOGICAL_RULES` gives each parameter on the mesh at hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from vllama_jax.models.llama import Llama
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 LLAMA = "llama"
+CHAT = "chat"  # config.json entry with the chat template
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -106,6 +108,15 @@ def read_config(directory: str, part: str) -> dict:
   return config[part]
 
 
+def read_chat_entry(directory: str) -> dict:
+  """The "chat" entry convert_weights.py records (the template); {} when there is none."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file; expected a directory written by convert_weights.py")
+  with open(path) as f:
+    return json.load(f).get(CHAT, {})
+
+
 def write_config(directory: str, parts: dict[str, dict]) -> None:
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(parts, f, indent=2)
@@ -159,3 +170,65 @@ def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
   from vllama_jax.models.audio_branch import AudioBranch
   cfg = audio_branch_config_from_entry(read_config(directory, AUDIO_BRANCH), **runtime)
   return _load_part(directory, AUDIO_BRANCH, lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)), mesh)
+
+
+def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, audio: bool = True,
+                     scan_layers: bool = False, **llama_runtime):
+  """Loads every part a converted directory has into one `VideoLLaMA` on `mesh`.
+
+  The audio branch is loaded for inference: ImageBind's vision tower, which only the paper's training
+  recipe uses, stays on disk. `audio=False` skips the audio branch altogether. `scan_layers=False`
+  (the default) gives the per-layer LLaMA that decodes fastest; `llama_runtime` overrides other LLaMA
+  config fields such as `dtype`.
+  """
+  from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
+  from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
+  from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+  hf = read_config(directory, LLAMA)
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    present = set(json.load(f))
+  llama_runtime.setdefault("dtype", hf.get("torch_dtype", "bfloat16"))
+  llama_cfg = LlamaConfig.from_hf(hf, **llama_runtime)
+  video = (video_branch_config_from_entry(read_config(directory, VIDEO_BRANCH))
+           if VIDEO_BRANCH in present else None)
+  audio_cfg = (audio_branch_config_from_entry(read_config(directory, AUDIO_BRANCH), vision=None, train_on="audio")
+               if audio and AUDIO_BRANCH in present else None)
+  if video is None and audio_cfg is None:
+    raise CheckpointError(f"{directory}: has neither a video nor an audio branch; convert one with "
+                          "convert_weights.py (--eva --blip2 and/or --imagebind)")
+  cfg = VideoLlamaConfig(llama=llama_cfg.replace(scan_layers=True), video=video, audio=audio_cfg)
+  mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  graphdef, state = sharding.abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+  for part in (LLAMA, VIDEO_BRANCH, AUDIO_BRANCH):
+    if part in state:
+      restore_state(directory, part, state[part], mesh)
+  model = nnx.merge(graphdef, state)
+  if not scan_layers:
+    model.llama = unstack_layers(model.llama, mesh)
+    model.config = cfg.replace(llama=model.llama.config)
+  return model
+
+
+def save_video_llama(model, directory: str, tokenizer_dir: str, template: str = "vicuna") -> None:
+  """Writes `model` (a `VideoLLaMA`) as a converted directory that `load_video_llama` reads back,
+  with the tokenizer files of `tokenizer_dir` and its chat template. `directory` must not exist or
+  be empty."""
+  from vllama_jax.convert.audio_branch import AUDIO_BRANCH
+  from vllama_jax.convert.output import staged_output
+  from vllama_jax.convert.video_branch import VIDEO_BRANCH
+  cfg = model.config
+  llama_params = nnx.to_pure_dict(nnx.state(model.llama))
+  if not cfg.llama.scan_layers:  # the on-disk layout stacks the layers
+    layers = [llama_params["layers"][i] for i in range(cfg.llama.num_layers)]
+    llama_params["layers"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
+  entries = {LLAMA: cfg.llama.replace(scan_layers=True).to_hf()}
+  tree = {LLAMA: llama_params}
+  for part, branch, branch_cfg in ((VIDEO_BRANCH, model.video_branch, cfg.video),
+                                   (AUDIO_BRANCH, model.audio_branch, cfg.audio)):
+    if branch is not None:
+      entries[part] = dataclasses.asdict(branch_cfg) | {"initialised": [], "sources": {}}
+      tree[part] = nnx.to_pure_dict(nnx.state(branch))
+  with staged_output(directory) as staging:
+    copy_tokenizer(tokenizer_dir, staging)
+    save_params(staging, tree)
+    write_config(staging, entries | {CHAT: {"template": template}})

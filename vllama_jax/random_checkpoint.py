@@ -92,3 +92,21 @@ def write_hf_llama(directory: str, cfg: LlamaConfig, state: dict[str, np.ndarray
   with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
   return directory
+
+
+def write_random_video_llama(directory: str, seed: int = 0, hidden_size: int = 64) -> str:
+  """A tiny Video-LLaMA with random weights (`VideoLlamaConfig.tiny`: released input sizes, small
+  widths) and a freshly trained tokenizer, written as a converted directory."""
+  import tempfile
+
+  from flax import nnx
+
+  from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+  from vllama_jax.pretrained import save_video_llama
+  from vllama_jax.text.tokenizer import Tokenizer
+  with tempfile.TemporaryDirectory() as tokenizer_dir:
+    write_tokenizer(tokenizer_dir)
+    cfg = VideoLlamaConfig.tiny(vocab_size=Tokenizer(tokenizer_dir).vocab_size, hidden_size=hidden_size)
+    model = VideoLLaMA(cfg.replace(llama=cfg.llama.replace(scan_layers=True)), rngs=nnx.Rngs(seed))
+    save_video_llama(model, directory, tokenizer_dir)
+  return directory
