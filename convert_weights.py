@@ -6,18 +6,33 @@
       --vl-ckpt finetune-vicuna7b-v2.pth \                 # Video-LLaMA VL branch (optional)
       --imagebind imagebind_huge.pth --al-ckpt finetune_vicuna7b_audiobranch.pth
 
+  python convert_weights.py --out converted/ --hf-repo Video-LLaMA-2-7B-Finetuned/   # a local repo copy
+
 Each part is optional, but the vision files go together. Without --vl-ckpt (--al-ckpt) the
 trainable parts of the video (audio) branch are initialised as the reference initialises them for
-training, and config.json says so.
+training, and config.json says so. With --hf-repo the files are found in the repo copy (explicit
+options win); missing ones are downloaded where they come from, unless --offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from vllama_jax.errors import VllamaError
+
+TEMPLATES = ("vicuna", "llama_2")  # text.conversation.TEMPLATES
+
+
+def guess_template(llama_dir: str, vocab_size: int) -> str:
+  """Vicuna v0 has FastChat's extra [PAD] row (vocab 32001); LLaMA-2 chat directories say so in
+  their name."""
+  name = os.path.basename(os.path.normpath(llama_dir)).lower().replace("_", "-")
+  if vocab_size != 32001 and ("llama-2" in name or "llama2" in name):
+    return "llama_2"
+  return "vicuna"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +51,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="dtype of the converted frozen weights (default: bfloat16); trainable "
                       "vision parts are always float32")
   parser.add_argument("--seed", type=int, default=0, help="seed for parts initialised rather than converted")
+  parser.add_argument("--hf-repo", help="a local copy of a released Video-LLaMA Hugging Face repo (e.g. "
+                      "DAMO-NLP-SG/Video-LLaMA-2-7B-Finetuned): every file above is looked for in it")
+  parser.add_argument("--no-audio", action="store_true", help="with --hf-repo: skip the audio branch")
+  parser.add_argument("--offline", action="store_true", help="with --hf-repo: never download missing files")
+  parser.add_argument("--template", choices=TEMPLATES,
+                      help="chat template the checkpoint was tuned with (default: guessed from the LLaMA directory)")
   args = parser.parse_args(argv)
+  if args.hf_repo:
+    from vllama_jax.convert.release import resolve_release
+    wanted = ("llama", "eva", "blip2", "vl_ckpt") + (() if args.no_audio else ("imagebind", "al_ckpt"))
+    wanted = tuple(flag for flag in wanted if getattr(args, flag) is None)
+    try:
+      for flag, path in resolve_release(args.hf_repo, wanted, offline=args.offline).items():
+        setattr(args, flag, path)
+    except VllamaError as e:
+      parser.exit(2, f"error: {e}\n")
   if not (args.llama or args.eva or args.blip2 or args.vl_ckpt or args.imagebind or args.al_ckpt):
     parser.error("nothing to convert: give --llama, --eva with --blip2, and/or --imagebind")
   if (args.eva is None) != (args.blip2 is None) or (args.vl_ckpt and not args.eva):
@@ -58,6 +88,7 @@ def main(argv=None) -> int:
         from vllama_jax.convert.llama import convert_llama
         cfg, parts["llama"] = convert_llama(args.llama, staging, dtype=args.dtype)
         llm_hidden = llm_hidden or cfg.hidden_size
+        parts["chat"] = {"template": args.template or guess_template(args.llama, cfg.vocab_size)}
         done.append(f"LLaMA ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
       if args.eva:
         from vllama_jax.convert.video_branch import VIDEO_BRANCH, convert_video_branch
