@@ -167,3 +167,14 @@ def test_cli_streams_a_single_answer(files, capsys):
   assert "[audio_video (The video contains 8 frames" in captured.err
   assert chat_cli.main(["--checkpoint", files["ckpt"], "--video", "/nonexistent.mp4", "--question", "x"]) == 2
   assert "nonexistent.mp4" in capsys.readouterr().err
+
+
+def test_a_sharded_chat_answers_as_one_device(chat, files):
+  from vllama_jax import sharding
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded = VideoChat.from_pretrained(files["ckpt"], mesh)
+  assert len(sharded.model.llama.embed_tokens[...].sharding.device_set) == 8
+  requests = [Request("What is happening?", video=files["av.mp4"]), Request("And here?", image=files["image.png"])]
+  with jax.set_mesh(mesh):
+    answers = sharded.ask_batch(requests, sampling=greedy(sharded))
+  assert answers == chat.ask_batch(requests, sampling=greedy(chat))

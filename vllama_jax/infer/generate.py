@@ -68,7 +68,7 @@ class _StreamDispatch:
     self.callback, self.pending, self.next_step = callback, {}, 0
 
   def __call__(self, step, tokens, active):
-    if self.callback is None:
+    if self.callback is None or int(step) < self.next_step:  # a replica reporting the same step again
       return
     self.pending[int(step)] = (np.asarray(tokens), np.asarray(active))
     while self.next_step in self.pending:
