@@ -102,11 +102,37 @@ def write_random_video_llama(directory: str, seed: int = 0, hidden_size: int = 6
   from flax import nnx
 
   from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+  from vllama_jax.sharding import abstract_model
   from vllama_jax.pretrained import save_video_llama
   from vllama_jax.text.tokenizer import Tokenizer
   with tempfile.TemporaryDirectory() as tokenizer_dir:
     write_tokenizer(tokenizer_dir)
     cfg = VideoLlamaConfig.tiny(vocab_size=Tokenizer(tokenizer_dir).vocab_size, hidden_size=hidden_size)
-    model = VideoLLaMA(cfg.replace(llama=cfg.llama.replace(scan_layers=True)), rngs=nnx.Rngs(seed))
-    save_video_llama(model, directory, tokenizer_dir)
+    cfg = cfg.replace(llama=cfg.llama.replace(scan_layers=True))
+    graphdef, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+    nnx.replace_by_pure_dict(state, _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(seed)))
+    save_video_llama(nnx.merge(graphdef, state), directory, tokenizer_dir)
   return directory
+
+
+def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict:
+  """NumPy draws for every leaf of an abstract parameter tree (eager JAX initialisers compile one
+  program per shape, which dominates building a tiny model): norm scales near 1, biases near 0,
+  weights N(0, 0.02), position tables N(0, 1)."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{name}.{key}"
+    if isinstance(value, dict):
+      out[key] = _random_leaves(value, rng, path)
+      continue
+    noise = rng.standard_normal(value.shape, np.float32)
+    if key in ("scale", "weight"):  # LayerNorm / RMSNorm (Linear weights are "kernel")
+      array = 1 + 0.1 * noise
+    elif key == "bias":
+      array = 0.02 * noise
+    elif "position" in path:
+      array = noise
+    else:
+      array = 0.02 * noise
+    out[key] = array.astype(value.dtype)
+  return out
