@@ -59,14 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="chat template the checkpoint was tuned with (default: guessed from the LLaMA directory)")
   args = parser.parse_args(argv)
   if args.hf_repo:
-    from vllama_jax.convert.release import resolve_release
-    wanted = ("llama", "eva", "blip2", "vl_ckpt") + (() if args.no_audio else ("imagebind", "al_ckpt"))
-    wanted = tuple(flag for flag in wanted if getattr(args, flag) is None)
-    try:
-      for flag, path in resolve_release(args.hf_repo, wanted, offline=args.offline).items():
-        setattr(args, flag, path)
-    except VllamaError as e:
-      parser.exit(2, f"error: {e}\n")
+    return args  # checked once its files are found, in main()
   if not (args.llama or args.eva or args.blip2 or args.vl_ckpt or args.imagebind or args.al_ckpt):
     parser.error("nothing to convert: give --llama, --eva with --blip2, and/or --imagebind")
   if (args.eva is None) != (args.blip2 is None) or (args.vl_ckpt and not args.eva):
@@ -76,8 +69,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def find_hf_repo_files(args: argparse.Namespace) -> None:
+  """Fills the file options left unset from the --hf-repo copy (downloading unless --offline)."""
+  from vllama_jax.convert.release import resolve_release
+  wanted = ("llama", "eva", "blip2", "vl_ckpt") + (() if args.no_audio else ("imagebind", "al_ckpt"))
+  wanted = tuple(flag for flag in wanted if getattr(args, flag) is None)
+  for flag, path in resolve_release(args.hf_repo, wanted, offline=args.offline).items():
+    setattr(args, flag, path)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.hf_repo:
+    try:
+      find_hf_repo_files(args)
+    except VllamaError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   from vllama_jax.convert.output import staged_output
   from vllama_jax.pretrained import write_config
   start, parts, done = time.time(), {}, []

@@ -294,7 +294,7 @@ def test_llama_and_video_branch_in_one_directory(tmp_path, states):
   paths = write_sources(tmp_path / "src", states)
   out = tmp_path / "out"
   assert cli(paths, out, "--llama", llama_dir) == 0  # the LLM width comes from --llama; bfloat16
-  assert sorted(json.loads((out / "config.json").read_text())) == ["llama", vb.VIDEO_BRANCH]
+  assert sorted(json.loads((out / "config.json").read_text())) == ["chat", "llama", vb.VIDEO_BRANCH]
   llama = load_llama(str(out))
   branch = load_video_branch(str(out))
   assert llama.embed_tokens[...].dtype == ml_dtypes.bfloat16

@@ -70,9 +70,10 @@ def _is_llama_dir(path: str) -> bool:
     return False
 
 
-def find_release_files(repo_dir: str) -> dict[str, str]:
+def find_release_files(repo_dir: str, flags: tuple[str, ...] | None = None) -> dict[str, str]:
   """{flag: path} of the released files present in `repo_dir` (the repo root itself may be the
-  LLaMA directory's parent or hold one as a subdirectory)."""
+  LLaMA directory's parent or hold one as a subdirectory); only `flags` (default: all) are looked for,
+  so a file passed explicitly may have several candidates in the repo."""
   if not os.path.isdir(repo_dir):
     raise CheckpointError(f"{repo_dir}: no such directory; expected a local copy of a Video-LLaMA Hugging "
                           "Face repo (e.g. DAMO-NLP-SG/Video-LLaMA-2-7B-Finetuned)")
@@ -81,6 +82,8 @@ def find_release_files(repo_dir: str) -> dict[str, str]:
   llama_dirs = [p for p in [repo_dir] + entries if os.path.isdir(p) and _is_llama_dir(p)]
   for flag, hits in [("llama", llama_dirs)] + [(s.flag, [p for p in entries if _matches(p, s)])
                                                for s in RELEASE_FILES]:
+    if flags is not None and flag not in flags:
+      continue
     if len(hits) > 1:
       raise CheckpointError(f"{repo_dir}: several candidates for --{flag.replace('_', '-')}: "
                             f"{[os.path.relpath(h, repo_dir) for h in hits]}; pass the one to use explicitly")
@@ -112,7 +115,7 @@ def hf_download(repo_id: str, pattern: str, directory: str) -> None:
 def resolve_release(repo_dir: str, wanted: tuple[str, ...], *, offline: bool = False) -> dict[str, str]:
   """{flag: path} for every flag in `wanted`, downloading missing files into `repo_dir` unless
   `offline`; raises one error naming everything still missing, with where to get it."""
-  found = find_release_files(repo_dir)
+  found = find_release_files(repo_dir, wanted)
   repo_id = repo_id_of(repo_dir)
   missing, failures = [], {}
   for flag in wanted:
@@ -129,7 +132,7 @@ def resolve_release(repo_dir: str, wanted: tuple[str, ...], *, offline: bool = F
         found[flag] = destination
       elif repo_id is not None:
         hf_download(repo_id, LLAMA_HUB_PATTERN if spec is None else spec.hub_pattern, repo_dir)
-        found.update({k: v for k, v in find_release_files(repo_dir).items() if k == flag})
+        found.update(find_release_files(repo_dir, (flag,)))
       if flag not in found:
         missing.append(flag)
     except Exception as e:  # no network, 404, permission: reported with the rest below
