@@ -1,0 +1,151 @@
+"""One record -> one training example (media arrays + text arrays), or a broken marker."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vllama_jax.data import augment, text
+from vllama_jax.data.decode import load_video_indices
+from vllama_jax.media import MediaError
+
+AUDIO_ROWS = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  """What a dataset pipeline produces. `num_query_tokens` is N of the branch (32 VL, 8 AL);
+  `audio` adds filterbanks and 8 audio rows in front (joint audio+video); `prompts` are the
+  caption-path prompts, already formatted with the template, each with one `<ImageHere>`."""
+  batch_size: int = 4
+  num_frames: int = 8
+  size: int = 224
+  train: bool = True
+  seed: int = 0
+  num_query_tokens: int = 32
+  audio: bool = False
+  template: str = "vicuna"  # instruction datasets: "vicuna" or "llama_v2"
+  prompts: tuple[str, ...] = ()
+  end_sym: str = "\n"
+  max_txt_len: int = 32
+  max_len: int = 512  # instruction datasets' tokenizer cut
+  bucket: int = 64  # text lengths are padded to a multiple of this
+  overshoot: str = "wrap"  # the uint8 cast after the video crop: "wrap" (reference) or "clip"
+  num_epochs: int | None = None  # None: forever when training, once otherwise
+  shard_index: int | None = None  # None: jax.process_index()
+  shard_count: int | None = None  # None: jax.process_count()
+  num_workers: int = 0  # worker processes (grain mp_prefetch); 0: none
+  num_threads: int = 2  # reading threads per process (grain ReadOptions)
+  prefetch: int = 8  # elements read ahead per process
+
+  @property
+  def runs(self) -> tuple[int, ...]:
+    return (AUDIO_ROWS, self.num_query_tokens) if self.audio else (self.num_query_tokens,)
+
+
+class SampleBuilder:
+  """Picklable record -> example function (the tokenizer is rebuilt in each worker process)."""
+
+  def __init__(self, tokenizer_dir: str, cfg: DataConfig):
+    self.tokenizer_dir, self.cfg, self._tok = tokenizer_dir, cfg, None
+
+  def __getstate__(self):
+    return {"tokenizer_dir": self.tokenizer_dir, "cfg": self.cfg, "_tok": None}
+
+  @property
+  def tokenizer(self):
+    if self._tok is None:
+      from vllama_jax.text.tokenizer import Tokenizer
+      self._tok = Tokenizer(self.tokenizer_dir)
+      self._tok.add_tokens([text.PLACEHOLDER])
+    return self._tok
+
+  def __call__(self, index: int, record: dict) -> dict:
+    try:
+      return self.build(index, record)
+    except text.BrokenSample as e:
+      return {"broken": e.reason}
+    except MediaError:
+      media = record.get("media", "")
+      return {"broken": "corrupt media" if media and os.path.isfile(media) else "missing file"}
+    except (ValueError, OSError, KeyError, TypeError):
+      return {"broken": "bad sample"}
+
+  def max_length(self) -> int:
+    """The longest text a sample can have."""
+    cfg = self.cfg
+    if cfg.prompts:
+      wrap = max(len(self.tokenizer.encode(b)) + len(self.tokenizer.encode(a))
+                 for b, a in (p.split(text.PLACEHOLDER) for p in cfg.prompts))
+    else:
+      wrap = 0
+    return max(cfg.max_len, 1 + wrap + sum(cfg.runs) + cfg.max_txt_len)
+
+  def build(self, index: int, record: dict) -> dict:
+    cfg = self.cfg
+    if record.get("broken"):
+      raise text.BrokenSample(record["broken"])
+    rng = np.random.default_rng([cfg.seed, cfg.shard_index or 0, index])
+    if record["kind"] == "caption":  # cheap text checks before decoding
+      caption = record["caption"]
+      caption = text.blip_caption(caption) if record.get("clean_caption") else caption
+      if not caption.strip():
+        raise text.BrokenSample("empty caption")
+    out = {"broken": ""}
+    hint = ""
+    if record["media_type"] == "video":
+      out["frames"], hint = self.video(record["media"], rng, headtail=record["kind"] == "caption")
+    else:
+      out["frames"] = self.image(record["media"], rng)
+    if cfg.audio:
+      from vllama_jax.media.audio import audio_features
+      bank = audio_features(record["media"])
+      if bank is None:
+        raise text.BrokenSample("no audio")
+      out["filterbanks"] = bank.astype(np.float32)
+    tok = self.tokenizer
+    if record["kind"] == "caption":
+      prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
+      ex = text.caption_example(tok, caption, cfg.runs, prompt, cfg.end_sym, cfg.max_txt_len)
+    else:
+      if record["kind"] == "llava":
+        turns = text.llava_turns(record["conversations"], cfg.runs)
+      else:
+        turns = text.videochat_turns(record["qa"], hint, cfg.runs)
+      ex = text.instruction_example(tok, turns, cfg.template, cfg.runs, cfg.max_len)
+    return out | ex
+
+  def video(self, path, rng, headtail: bool):
+    from vllama_jax.media.image import normalize
+    from vllama_jax.media.video import sample_indices, time_hint
+    n = self.cfg.num_frames
+
+    def choose(count):
+      if count < n:
+        raise text.BrokenSample("short video", f"{count} frames, {n} needed")
+      if headtail and self.cfg.train:
+        return augment.headtail_indices(rng, count, n)
+      return sample_indices(count, n)
+    frames, indices, fps = load_video_indices(path, choose, self.cfg.size)
+    if self.cfg.train:
+      frames = augment.crop_video(frames, rng, self.cfg.size, self.cfg.overshoot)
+    return normalize(frames), time_hint(indices, fps)
+
+  def image(self, path, rng):
+    from PIL import Image
+    from vllama_jax.media.image import normalize
+    if not os.path.isfile(path):
+      raise MediaError(f"{path}: no such image file")
+    try:
+      with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise MediaError(f"{path}: cannot decode as an RGB image ({e})") from e
+    size = self.cfg.size
+    if self.cfg.train:
+      rgb = augment.crop_image(image, rng, size)
+    else:
+      rgb = np.asarray(image.resize((size, size), Image.BICUBIC))
+    return normalize(rgb)[None]
