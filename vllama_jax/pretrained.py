@@ -173,13 +173,15 @@ def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
 
 
 def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, audio: bool = True,
-                     scan_layers: bool = False, **llama_runtime):
+                     vision_tower: bool = False, scan_layers: bool = False, video_options: dict | None = None,
+                     **llama_runtime):
   """Loads every part a converted directory has into one `VideoLLaMA` on `mesh`.
 
-  The audio branch is loaded for inference: ImageBind's vision tower, which only the paper's training
-  recipe uses, stays on disk. `audio=False` skips the audio branch altogether. `scan_layers=False`
-  (the default) gives the per-layer LLaMA that decodes fastest; `llama_runtime` overrides other LLaMA
-  config fields such as `dtype`.
+  The audio branch is loaded for inference unless `vision_tower`: ImageBind's vision tower, which only
+  the paper's training recipe uses, stays on disk. `audio=False` skips the audio branch altogether.
+  `scan_layers=False` (the default) gives the per-layer LLaMA that decodes fastest; `video_options`
+  overrides VideoBranchConfig fields (e.g. `use_frame_positions`), `llama_runtime` LLaMA config fields
+  such as `dtype` or `remat`.
   """
   from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
   from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
@@ -189,10 +191,13 @@ def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, a
     present = set(json.load(f))
   llama_runtime.setdefault("dtype", hf.get("torch_dtype", "bfloat16"))
   llama_cfg = LlamaConfig.from_hf(hf, **llama_runtime)
-  video = (video_branch_config_from_entry(read_config(directory, VIDEO_BRANCH))
+  video = (video_branch_config_from_entry(read_config(directory, VIDEO_BRANCH), **(video_options or {}))
            if VIDEO_BRANCH in present else None)
-  audio_cfg = (audio_branch_config_from_entry(read_config(directory, AUDIO_BRANCH), vision=None, train_on="audio")
-               if audio and AUDIO_BRANCH in present else None)
+  audio_cfg = None
+  if audio and AUDIO_BRANCH in present:
+    entry = read_config(directory, AUDIO_BRANCH)
+    keep = {} if vision_tower else {"vision": None, "train_on": "audio"}
+    audio_cfg = audio_branch_config_from_entry(entry, **keep)
   if video is None and audio_cfg is None:
     raise CheckpointError(f"{directory}: has neither a video nor an audio branch; convert one with "
                           "convert_weights.py (--eva --blip2 and/or --imagebind)")

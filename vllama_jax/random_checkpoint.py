@@ -23,12 +23,15 @@ SENTENCES = (
 )
 
 
-def write_tokenizer(directory: str, vocab_size: int = 384, with_config: bool = True) -> str:
-  """Trains a byte-fallback BPE SentencePiece model with LLaMA's special ids (unk 0, bos 1, eos 2)."""
+def write_tokenizer(directory: str, vocab_size: int = 384, with_config: bool = True,
+                    sentences: list[str] | None = None) -> str:
+  """Trains a byte-fallback BPE SentencePiece model with LLaMA's special ids (unk 0, bos 1, eos 2)
+  on `sentences` (default: a few built-in ones)."""
   import sentencepiece as spm
   os.makedirs(directory, exist_ok=True)
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(SENTENCES * 8), model_prefix=os.path.join(directory, "tokenizer"),
+      sentence_iterator=iter(list(sentences) if sentences else SENTENCES * 8),
+      model_prefix=os.path.join(directory, "tokenizer"),
       vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2,
       # the normaliser settings of LLaMA's own tokenizer.model

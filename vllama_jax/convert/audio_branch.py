@@ -33,7 +33,7 @@ from vllama_jax.sharding import abstract_model
 
 AUDIO_BRANCH = "audio_branch"
 TRAINABLE = ("audio_position_embedding", "audio_qformer", "audio_llama_proj")  # what an AL checkpoint holds
-ENTRY_EXTRAS = ("initialised", "sources")
+ENTRY_EXTRAS = ("initialised", "sources", "trained_from")
 
 AL_IGNORED = (
     # Buffers the training runner saves beside the trainable weights.

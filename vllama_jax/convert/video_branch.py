@@ -35,7 +35,7 @@ from vllama_jax.sharding import abstract_model
 
 VIDEO_BRANCH = "video_branch"
 TRAINABLE = ("video_qformer", "frame_position_embedding", "llama_proj")  # what a VL checkpoint holds
-ENTRY_EXTRAS = ("initialised", "sources")  # entry keys beside the VideoBranchConfig fields
+ENTRY_EXTRAS = ("initialised", "sources", "trained_from")  # entry keys beside the VideoBranchConfig fields
 
 # Keys each file may hold that conversion drops on purpose.
 EVA_IGNORED = (

@@ -33,6 +33,7 @@ class DataConfig:
   max_len: int = 512  # instruction datasets' tokenizer cut
   bucket: int = 64  # text lengths are padded to a multiple of this
   overshoot: str = "wrap"  # the uint8 cast after the video crop: "wrap" (reference) or "clip"
+  augment: bool = True  # random-resized crops when training (the reference always crops)
   num_epochs: int | None = None  # None: forever when training, once otherwise
   shard_index: int | None = None  # None: jax.process_index()
   shard_count: int | None = None  # None: jax.process_count()
@@ -129,7 +130,7 @@ class SampleBuilder:
         return augment.headtail_indices(rng, count, n)
       return sample_indices(count, n)
     frames, indices, fps = load_video_indices(path, choose, self.cfg.size)
-    if self.cfg.train:
+    if self.cfg.train and self.cfg.augment:
       frames = augment.crop_video(frames, rng, self.cfg.size, self.cfg.overshoot)
     return normalize(frames), time_hint(indices, fps)
 
@@ -144,7 +145,7 @@ class SampleBuilder:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       raise MediaError(f"{path}: cannot decode as an RGB image ({e})") from e
     size = self.cfg.size
-    if self.cfg.train:
+    if self.cfg.train and self.cfg.augment:
       rgb = augment.crop_image(image, rng, size)
     else:
       rgb = np.asarray(image.resize((size, size), Image.BICUBIC))

@@ -74,13 +74,14 @@ class VideoChat:
 
   @classmethod
   def from_pretrained(cls, directory: str, mesh: jax.sharding.Mesh | None = None, *, template: str | None = None,
-                      audio: bool = True, **options) -> "VideoChat":
-    """Loads a converted directory. The template defaults to the one convert_weights.py recorded."""
+                      audio: bool = True, video_options: dict | None = None, **options) -> "VideoChat":
+    """Loads a converted directory. The template defaults to the one convert_weights.py recorded;
+    `video_options` override VideoBranchConfig fields (e.g. use_frame_positions)."""
     from vllama_jax.pretrained import load_video_llama, read_chat_entry
     template = template or read_chat_entry(directory).get("template", "vicuna")
     if template not in conv.TEMPLATES:
       raise ConfigError(f"unknown chat template {template!r}; expected one of {sorted(conv.TEMPLATES)}")
-    model = load_video_llama(directory, mesh, audio=audio)
+    model = load_video_llama(directory, mesh, audio=audio, video_options=video_options)
     return cls(model, Tokenizer(directory), conv.TEMPLATES[template], **options)
 
   # ---- media --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class VideoBranchConfig:
   # T > max_frames is an error unless this is set; then the table is linearly resampled to T rows,
   # corners aligned: frame 0 keeps row 0, frame T-1 gets row max_frames-1, the rest in between.
   interpolate_frame_positions: bool = False
+  use_frame_positions: bool = True  # False: frame order is invisible to the video Q-Former (ablation)
   dtype: str = "float32"  # trainable parts: frame table and llama_proj (Q-Former: its own config)
 
   def __post_init__(self):
@@ -109,8 +110,9 @@ class VideoBranch(nnx.Module):
       raise ValueError(f"frames have shape {tuple(frames.shape)}; expected (batch, frames, height, width, 3)")
     features = jax.lax.stop_gradient(self.frame_features(frames))  # frozen encoders
     b, t, nq, width = features.shape
-    positions = self.frame_positions(t).astype(jnp.float32)
-    features = features.astype(jnp.float32) + positions[None, :, None, :]
+    features = features.astype(jnp.float32)
+    if self.config.use_frame_positions:
+      features = features + self.frame_positions(t).astype(jnp.float32)[None, :, None, :]
     tokens = features.reshape(b, t * nq, width).astype(self.video_qformer.dtype)
     video_queries = self.video_qformer(tokens, deterministic=deterministic, rngs=rngs)
     return self.llama_proj(video_queries)

@@ -1,0 +1,74 @@
+"""Resumable training checkpoints with orbax: the train state (trainable params, optimizer state,
+step, rng) and the data iterators' state, saved together every N steps, on request (SIGTERM) and at
+the end; the last K kept; written asynchronously, from every process of a multi-host run.
+
+Frozen weights are not saved: they come from the converted directory the run started from.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+
+import jax
+import orbax.checkpoint as ocp
+
+from vllama_jax.errors import CheckpointError
+
+
+def _encode_data_state(state) -> dict:
+  """Iterator states may hold bytes or numpy scalars; JSON carries them pickled in base64."""
+  return {"pickle": base64.b64encode(pickle.dumps(state)).decode("ascii")}
+
+
+def _decode_data_state(saved: dict):
+  return pickle.loads(base64.b64decode(saved["pickle"]))
+
+
+class Checkpointer:
+  """`save(step, state, data_state)`, `restore(abstract_state)` -> (state, data_state) of the latest."""
+
+  def __init__(self, directory: str, *, keep: int = 3, every: int = 1000, asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                           enable_async_checkpointing=asynchronous)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  @property
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state, *, force: bool = False) -> bool:
+    """Saves when `step` is due (or `force`) and not saved yet; returns whether it did."""
+    if step == self.latest_step:
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(_encode_data_state(data_state)))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, data_state) at `step` (default: the latest); `abstract_state` gives structure,
+    dtypes and shardings (jax.ShapeDtypeStruct leaves with concrete shardings)."""
+    step = self.latest_step if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"{self.directory}: cannot restore step {step} ({type(e).__name__}: {e}); "
+                            "was it written by another config?") from None
+    return restored["state"], _decode_data_state(restored["data"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs with the shardings of the arrays of `tree` (a restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

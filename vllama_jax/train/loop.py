@@ -1,0 +1,223 @@
+"""The training loop: converted weights in, a trained converted directory out.
+
+  load the start directory onto the mesh -> split trainable / frozen -> grain data (sharded by
+  process) -> jitted steps -> metrics, periodic eval, checkpoints (every N steps, on SIGTERM, at the
+  end) -> export
+
+Resuming from `workdir/checkpoints` restores params, optimizer state, step, rng and the data
+iterators, so a resumed run continues with exactly the losses an uninterrupted run has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vllama_jax import sharding
+from vllama_jax.errors import ConfigError
+from vllama_jax.train import checkpoint, metrics
+from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
+from vllama_jax.train.step import init_train_state, make_eval_step, make_train_step
+from vllama_jax.train.trainable import count_params, split_trainable
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  losses: list[float]  # every step's training loss, this process's run only
+  eval_loss: float | None
+  export_dir: str | None
+  broken: dict  # skipped samples by dataset and reason
+
+
+class _Stop:
+  """Set by SIGTERM (pre-emption): the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed on pods and multi-node GPU (arguments from the config or the environment)."""
+  d = config.get("distributed")
+  if d is None or not d.get("enabled", False) or jax.distributed.is_initialized():
+    return
+  kwargs = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id") if d.get(k) not in (None, "", -1)}
+  jax.distributed.initialize(**kwargs)
+
+
+def total_steps(config) -> int:
+  o = config.optimizer
+  return int(config.get("steps") or o.max_epoch * o.iters_per_epoch)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+  """This process's rows -> global arrays split over ('data', 'fsdp')."""
+  from vllama_jax.train.step import batch_shardings
+  shardings = batch_shardings(batch, mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, shardings)
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          log=print) -> RunResult:
+  """Runs (or resumes) `config` in `workdir`. `stop_after` ends early after that many steps of this
+  call, saving a checkpoint as a pre-emption would (for tests and time-boxed jobs)."""
+  from vllama_jax.data.build import make_loader
+  from vllama_jax.pretrained import load_video_llama
+  initialize_distributed(config)
+  main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(tuple(config.mesh))
+  mode = config.mode
+  model = load_video_llama(config.init_dir, mesh, audio=mode != "video", vision_tower=mode == "audio_vision",
+                           scan_layers=True, remat=config.get("remat", False),
+                           video_options=dict(config.get("video_options", {})))
+  graphdef, params, frozen = split_trainable(model, config.trainable if isinstance(config.trainable, str)
+                                             else tuple(config.trainable))
+  del model
+  optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
+  state = init_train_state(params, optimizer, config.seed, mesh)
+  train_step = make_train_step(graphdef, frozen, optimizer, mode, mesh, accum_steps=config.get("accum_steps", 1))
+  eval_step = make_eval_step(graphdef, frozen, mode, mesh)
+  if main:
+    log(f"trainable {count_params(params):,} of {count_params(params) + count_params(frozen):,} parameters; "
+        f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es)")
+
+  data = make_loader(config, train=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 every=config.checkpoint.every, asynchronous=config.checkpoint.get("asynchronous", True))
+  if ckpt.latest_step is not None:
+    state, data_state = ckpt.restore(checkpoint.abstract_like(state))
+    data.set_state(data_state)
+    if main:
+      log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  start = int(state.step)
+  total = total_steps(config)
+  log_every, eval_every = config.log_every, config.eval.every
+  log_file = metrics.MetricsLog(workdir, enabled=main)
+  progress = metrics.Progress(total, start, enabled=main and config.get("progress", True))
+  peak = metrics.peak_flops_per_device() * jax.device_count()
+  flops_per_step = None
+  losses, window, eval_loss = [], [], None
+  t_last, done_since_log = time.perf_counter(), 0
+  try:
+    with _Stop() as stop:
+      step = start
+      while step < total:
+        batch = global_batch(next(data), mesh)
+        if flops_per_step is None:
+          flops_per_step = train_step.flops(state, batch) if hasattr(train_step, "flops") else float("nan")
+        state, m = train_step(state, batch)
+        step += 1
+        window.append(m)
+        done_since_log += 1
+        if step % log_every == 0 or step == total:
+          values = _summarise(window, batch, time.perf_counter() - t_last, flops_per_step, peak, done_since_log)
+          losses.extend(float(x["loss"]) for x in window)
+          window, t_last, done_since_log = [], time.perf_counter(), 0
+          log_file.write(step, "train", values | {"broken": sum(sum(c.values()) for c in data.counts.values())})
+          progress.update(values.pop("_steps"), loss=values["loss"], lr=values["lr"],
+                          samples_s=values["samples_per_s"], tokens_s=values["tokens_per_s"], mfu=values["mfu"])
+        if eval_every and (step % eval_every == 0 or step == total):
+          eval_loss = evaluate(config, eval_step, state.params, mesh)
+          log_file.write(step, "eval", {"loss": eval_loss})
+          if main:
+            progress.write(f"step {step}: held-out loss {eval_loss:.4f}")
+          if config.eval.get("generate", 0) and main:
+            for line in sample_answers(config, graphdef, state.params, frozen):
+              progress.write(line)
+        ckpt.save(step, state, data.get_state())
+        if stop.requested or (stop_after is not None and step - start >= stop_after):
+          losses.extend(float(x["loss"]) for x in window)
+          window = []
+          ckpt.save(step, state, data.get_state(), force=True)
+          if main:
+            progress.write(f"stopped at step {step}; checkpoint saved in {ckpt.directory}")
+          return RunResult(step, losses, eval_loss, None, data.counts)
+      losses.extend(float(x["loss"]) for x in window)
+      ckpt.save(step, state, data.get_state(), force=True)
+  finally:
+    ckpt.close()
+    progress.close()
+    log_file.close()
+    data.close()
+  export_dir = os.path.join(workdir, "export")
+  export(config, graphdef, state.params, export_dir)
+  if main:
+    log(f"exported the trained model to {export_dir}; skipped samples: {data.counts}")
+  return RunResult(int(state.step), losses, eval_loss, export_dir, data.counts)
+
+
+def _summarise(window, batch, seconds, flops_per_step, peak, steps) -> dict:
+  fetched = jax.device_get(window)
+  rows = int(batch["ids"].shape[0])
+  tokens = float(jnp.sum(batch["attention_mask"]))
+  return {
+      "loss": float(np.mean([m["loss"] for m in fetched])),
+      "lr": float(fetched[-1]["lr"]),
+      "grad_norm": float(fetched[-1]["grad_norm"]),
+      "skipped": int(sum(int(m["skipped"]) for m in fetched)),
+      "samples_per_s": rows * steps / seconds,
+      "tokens_per_s": tokens * steps / seconds,
+      "mfu": flops_per_step * steps / seconds / peak if np.isfinite(flops_per_step) else float("nan"),
+      "_steps": steps,
+  }
+
+
+def evaluate(config, eval_step, params, mesh) -> float:
+  """Token-mean loss over the held-out split (at most `eval.batches` batches)."""
+  from vllama_jax.data.build import make_loader
+  data = make_loader(config, train=False)
+  total, tokens = 0.0, 0.0
+  try:
+    for i, batch in enumerate(data):
+      if i >= config.eval.batches:
+        break
+      out = eval_step(params, global_batch(batch, mesh))
+      total += float(out["nll_sum"])
+      tokens += float(out["tokens"])
+  finally:
+    data.close()
+  return total / max(tokens, 1.0)
+
+
+def sample_answers(config, graphdef, params, frozen) -> list[str]:
+  """A few greedy answers to held-out questions, for the log."""
+  from vllama_jax.train.evaluation import answer_questions, held_out_questions
+  questions = held_out_questions(config)[:config.eval.generate]
+  answers = answer_questions(config, graphdef, params, frozen, questions)
+  return [f"  Q: {q['question']}  A: {a}" for q, a in zip(questions, answers)]
+
+
+def export(config, graphdef, params, directory: str) -> None:
+  from vllama_jax.train.export import export_trained
+  export_trained(config.init_dir, params, directory)
+
+
+def check_config(config) -> None:
+  if config.mode not in ("video", "audio_vision", "audio", "audio_video"):
+    raise ConfigError(f"mode {config.mode!r} is not one of video, audio_vision, audio, audio_video")

@@ -1,0 +1,193 @@
+"""The embedded default job around the synthetic dataset (`data/synthetic.py`).
+
+  1. generate the dataset (once);
+  2. train a SentencePiece tokenizer on its text and pre-train a tiny LLaMA on its conversations
+     ("stage 0": as in the paper, the LLM is frozen *and pretrained*);
+  3. write the starting directory: tiny random frozen encoders, the pretrained LLM, fresh Q-Formers;
+  4. (the generic loop trains both Q-Formers on the dataset's VideoChat-style QA);
+  5. answer every held-out question greedily and report accuracy per attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vllama_jax.data import synthetic
+from vllama_jax.data.text import llama2_prompt
+
+TEMPLATE = "llama_2"  # its label masks line up with any legacy-SentencePiece vocabulary (data/text.py)
+
+
+def model_config(config, vocab_size: int):
+  """The tiny Video-LLaMA of `config.model`."""
+  from vllama_jax.config import LlamaConfig
+  from vllama_jax.models.audio_branch import AudioBranchConfig
+  from vllama_jax.models.eva_vit import EvaVitConfig
+  from vllama_jax.models.imagebind import ImageBindConfig
+  from vllama_jax.models.qformer import QFormerConfig
+  from vllama_jax.models.video_branch import VideoBranchConfig
+  from vllama_jax.models.video_llama import VideoLlamaConfig
+  m = config.model
+  h = m.llm_hidden
+  llama = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=m.llm_ffn, num_layers=m.llm_layers,
+                      num_heads=m.llm_heads, num_kv_heads=m.llm_heads, rms_norm_eps=1e-6,
+                      max_position_embeddings=512, dtype="float32", scan_layers=True)
+  vit = EvaVitConfig(image_size=config.data.size, patch_size=m.patch_size, width=m.vit_width, depth=m.vit_depth,
+                     heads=4, mlp_dim=4 * m.vit_width, dtype="float32")
+  qf = dict(hidden_size=m.qformer_width, num_heads=4, intermediate_size=4 * m.qformer_width)
+  image_q = QFormerConfig.tiny(encoder_width=vit.width, num_query_tokens=m.image_queries, **qf)
+  video_q = QFormerConfig.tiny(encoder_width=image_q.hidden_size, num_layers=2, cross_attention_freq=1,
+                               num_query_tokens=config.data.num_query_tokens, **qf)
+  video = VideoBranchConfig(vit=vit, image_qformer=image_q, video_qformer=video_q, llm_hidden_size=h,
+                            max_frames=32)
+  audio_enc = ImageBindConfig.tiny_audio(input_size=(128, 204), kernel_size=16, stride=10,
+                                         width=m.audio_width, heads=4, mlp_dim=4 * m.audio_width,
+                                         out_dim=m.qformer_width, dtype="float32")
+  audio_q = QFormerConfig.tiny(encoder_width=audio_enc.out_dim, num_layers=2, cross_attention_freq=1,
+                               num_query_tokens=8, **qf)
+  audio = AudioBranchConfig(audio=audio_enc, vision=None, qformer=audio_q, llm_hidden_size=h, train_on="audio")
+  return VideoLlamaConfig(llama=llama, video=video, audio=audio)
+
+
+def conversations(data_dir: str, split: str = "train") -> list[str]:
+  """The split's QA as LLaMA-2 chat text without media, plus its captions, for stage 0."""
+  with open(os.path.join(data_dir, "annotations", split, "qa.json")) as f:
+    items = json.load(f)
+  out = []
+  for item in items:
+    turns = [t for pair in item["QA"] for t in ({"from": "human", "value": pair["q"]},
+                                                 {"from": "gpt", "value": pair["a"]})]
+    out.append(llama2_prompt(turns))
+  return out + synthetic.text_corpus(data_dir, splits=(split,))
+
+
+def pretrain_text(llama, tokenizer, texts: list[str], *, steps: int, batch_size: int, lr: float, seed: int,
+                  length: int = 128, log=print):
+  """Stage 0: next-token training of every LLaMA parameter on `texts`; returns the final loss."""
+  rows = [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+  rows = [r[:length] for r in rows]
+  ids = np.zeros((len(rows), length), np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  graphdef, params = nnx.split(llama)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 10),
+                   weight_decay=0.01)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, ids, mask):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+      logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+      nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+      w = mask[:, 1:].astype(jnp.float32)
+      return jnp.sum(nll * w) / jnp.sum(w)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  loss = float("nan")
+  for s in range(steps):
+    pick = rng.integers(0, len(rows), batch_size)
+    params, opt_state, loss = step(params, opt_state, jnp.asarray(ids[pick]), jnp.asarray(mask[pick]))
+    if (s + 1) % max(steps // 4, 1) == 0:
+      log(f"  stage 0 step {s + 1}/{steps}: text loss {float(loss):.3f}")
+  nnx.update(llama, params)
+  return float(loss)
+
+
+def prepare(config, workdir: str, log=print) -> str:
+  """Steps 1-3; returns the starting directory (kept and reused when complete)."""
+  from vllama_jax.models.video_llama import VideoLLaMA
+  from vllama_jax.pretrained import save_video_llama
+  from vllama_jax.random_checkpoint import _random_leaves, write_tokenizer
+  from vllama_jax.sharding import abstract_model
+  from vllama_jax.text.tokenizer import Tokenizer
+  s = config.synthetic
+  data_dir = s.data_dir or os.path.join(workdir, "data")
+  log(f"[1/5] synthetic dataset in {data_dir} ({s.num_train} train / {s.num_test} held-out videos)")
+  synthetic.generate(data_dir, s.num_train, s.num_test, s.seed)
+  init_dir = os.path.join(workdir, "init")
+  if os.path.isfile(os.path.join(init_dir, "config.json")):
+    log(f"[2/5] reusing the starting directory {init_dir}")
+    return data_dir
+  texts = conversations(data_dir)
+  with tempfile.TemporaryDirectory() as tok_dir:
+    write_tokenizer(tok_dir, vocab_size=s.vocab_size, sentences=texts)
+    tokenizer = Tokenizer(tok_dir)
+    cfg = model_config(config, tokenizer.vocab_size)
+    graphdef, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+    nnx.replace_by_pure_dict(state, _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(config.seed)))
+    model = nnx.merge(graphdef, state)
+    log(f"[2/5] stage 0: pre-training the {cfg.llama.num_layers}-layer LLM (hidden {cfg.llama.hidden_size}, "
+        f"vocab {tokenizer.vocab_size}) on {len(texts)} texts of the dataset")
+    pretrain_text(model.llama, tokenizer, texts, steps=s.text_steps, batch_size=s.text_batch_size, lr=s.text_lr,
+                  seed=config.seed, log=log)
+    save_video_llama(model, init_dir, tok_dir, template=TEMPLATE)
+  log(f"[3/5] starting directory (random frozen encoders, pretrained frozen LLM): {init_dir}")
+  return data_dir
+
+
+def answer_held_out(config, directory: str, data_dir: str, limit: int | None = None,
+                    log=print) -> dict[str, float]:
+  """Step 5: every held-out question asked alone (first turn, media in front, as in training),
+  greedy; accuracy per attribute."""
+  from vllama_jax.infer.chat import VideoChat
+  chat = VideoChat.from_pretrained(directory, template=TEMPLATE, num_frames=config.data.num_frames,
+                                   video_options=dict(config.get("video_options", {})))
+  attributes = synthetic.load_attributes(data_dir, "test")
+  with open(os.path.join(data_dir, "annotations", "test", "qa.json")) as f:
+    items = json.load(f)[:limit]
+  requests, keys = [], []
+  for item in items:
+    vid = os.path.splitext(os.path.basename(item["video"]))[0]
+    for pair in item["QA"]:
+      attribute = next(a for a in synthetic.ATTRIBUTES if synthetic.parse_answer(pair["a"], a) is not None)
+      requests.append((os.path.join(data_dir, "videos", item["video"]), pair["q"]))
+      keys.append((vid, attribute))
+  answers: dict = {}
+  sampling = chat.sampling(max_new_tokens=12, greedy=True)
+  batch = config.eval.get("batch_size", 16)
+  media_cache = {}
+  for start in range(0, len(requests), batch):
+    chunk = requests[start:start + batch]
+    new = [p for p, _ in chunk if p not in media_cache]
+    for p, m in zip(new, chat.encode_many([_request(p) for p in new])):
+      media_cache[p] = m
+    convs = [_training_style(chat, media_cache[p], q) for p, q in chunk]
+    out = chat.generate(convs, [media_cache[p] for p, _ in chunk], sampling=sampling)
+    for (vid, attribute), text in zip(keys[start:start + batch], out):
+      answers.setdefault(vid, {})[attribute] = text
+  scores = synthetic.score_answers(answers, attributes)
+  example = next(iter(answers.items()))
+  log(f"  e.g. {example[0]}: {example[1]} (truth {attributes[example[0]]})")
+  return scores
+
+
+def _request(path):
+  from vllama_jax.infer.chat import Request
+  return Request("", video=path)
+
+
+def _training_style(chat, media, question):
+  """The first turn as the training data renders it (data.text.videochat_turns + llama2_prompt)."""
+  from vllama_jax.data.text import slot_string
+  from vllama_jax.text.conversation import Conversation
+  runs = tuple(e.shape[0] for e in media.embeddings)
+  tags = (("<Audio>", "<Video>"), ("</Audio>", "</Video>")) if len(runs) == 2 else (("<Video>",), ("</Video>",))
+  prefix = slot_string(runs, *tags).replace("<ImageHere>" * runs[0], "<ImageHere>", 1)
+  if len(runs) == 2:
+    prefix = prefix.replace("<ImageHere>" * runs[1], "<ImageHere>", 1)
+  conv = Conversation(chat.template, " ")
+  conv.messages.append([chat.template.roles[0], prefix + " " + media.time_hint + question])
+  return conv
