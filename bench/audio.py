@@ -167,7 +167,7 @@ def main(argv=None) -> int:
   cfg = encoder_config(args)
   rng = np.random.default_rng(0)
   print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} threads {torch.get_num_threads()}; "
-        f"{os.cpu_count()} CPUs")
+        f"our filterbank threads {len(os.sched_getaffinity(0))}; {os.cpu_count()} CPUs")
   print(f"config: fbank 16 kHz, 2-s clips, 128 mel bins, 25/10 ms frames; audio_features {args.clips} clips of a "
         f"{args.seconds:g}-s wave; encoder width {cfg.width} heads {cfg.heads} MLP {cfg.mlp_dim} depth {cfg.depth} "
         f"input {cfg.input_size} (grid {cfg.grid}), {args.videos} video(s) x {args.clips} clips, fp32; "

@@ -6,11 +6,13 @@ Import shims (no side effect beyond making these imports work):
   fail with "operator torchvision::nms does not exist" unless the op schemas exist first
   (`vllama_jax.torch_compat.install_torchvision_shim`, which tests/conftest.py also calls).
 * `import imagebind` runs `imagebind/__init__.py`, which imports `imagebind.data` (torchaudio,
-  pytorchvideo, pkg_resources); a stub module stands in for it, as only `imagebind.models` is needed.
+  pytorchvideo, pkg_resources); a stub module stands in for it where only `imagebind.models` is
+  needed, and `imagebind_data` swaps the real one back in for the audio loader's parity tests.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import types
@@ -27,6 +29,15 @@ def imagebind_model():
     sys.modules.setdefault("imagebind.data", types.ModuleType("imagebind.data"))
   from imagebind.models import imagebind_model as module
   return module
+
+
+def imagebind_data():
+  """The real `imagebind.data` module, replacing the stub `imagebind_model` may have left."""
+  install_torchvision_shim()
+  stub = sys.modules.get("imagebind.data")
+  if stub is not None and not hasattr(stub, "load_and_transform_audio_data"):
+    del sys.modules["imagebind.data"]
+  return importlib.import_module("imagebind.data")
 
 
 SMALL_OTHERS = dict(text_embed_dim=32, text_num_blocks=1, text_num_heads=2, depth_embed_dim=32, depth_num_blocks=1,

@@ -1,6 +1,8 @@
-"""Audio preprocessing vs torchaudio's Kaldi fbank and a literal torch replay of ImageBind's
-`load_and_transform_audio_data` (torchaudio resample, pytorchvideo 0.1.5 clip sampler, in-place
-mean subtraction on views, fbank of channel 0, pad/crop to 204, Normalize(-4.268, 9.138))."""
+"""Audio preprocessing vs torchaudio's Kaldi fbank, the installed ImageBind's
+`load_and_transform_audio_data` (imagebind-unofficial with pytorchvideo 0.1.5, its torchaudio.load
+pointed at our decoded waveform), and a literal torch replay of it (torchaudio resample, the clip
+sampler with divisor 8 or 7, in-place mean subtraction on views, fbank of channel 0, pad/crop to 204,
+Normalize(-4.268, 9.138)) for what the installed release cannot do: the later divisor, raw clips."""
 
 import os
 import sys
@@ -14,6 +16,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from imagebind_reference import imagebind_data  # noqa: E402
 from media_fixtures import decode, tone_mix, write_media  # noqa: E402
 
 from vllama_jax.media import (MediaError, Waveform, audio_features, clip_bounds,  # noqa: E402
@@ -139,6 +142,11 @@ def test_fbank_batch_and_short():
   np.testing.assert_array_equal(batch[1], kaldi_fbank(x[1]))
   assert kaldi_fbank(x[0, :399]).shape == (0, 128)
   assert kaldi_fbank(x[0, :400]).shape == (1, 128)
+  # Blocks of frames: several rows per block, or a row cut into several blocks.
+  for block in (10, 64):
+    np.testing.assert_allclose(kaldi_fbank(x, block_frames=block), batch, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(kaldi_fbank(x, block_frames=10, threads=1),
+                                kaldi_fbank(x, block_frames=10, threads=3))
 
 
 # -- Clip sampling ---------------------------------------------------------------------------------
@@ -151,6 +159,9 @@ def test_clip_bounds(duration, divisor):
   assert len(ours) == 8 and ours[0][0] == 0
   if duration > 2:
     assert ours[-1][0] == Fraction(duration - 2) * 7 / divisor
+  if divisor == 8:  # the release's pytorchvideo 0.1.5 sampler itself
+    from pytorchvideo.data.clip_sampling import ConstantClipsPerVideoSampler
+    assert ours == imagebind_data().get_clip_timepoints(ConstantClipsPerVideoSampler(2, 8), duration)
 
 
 def test_inplace_mean_on_overlapping_stereo_clips():
@@ -288,6 +299,49 @@ def test_fbank_speed():
   per_video = (time.perf_counter() - t) / 5
   print(f"audio_features of a 10 s waveform at 16 kHz: {per_video * 1e3:.1f} ms")
   assert per_video < 0.2  # ~20 ms here; a loose bound so a busy machine does not fail it
+
+
+# -- Against the installed ImageBind loader --------------------------------------------------------
+
+def imagebind_audio(monkeypatch, path, waveform):
+  """The release's `load_and_transform_audio_data([path], clips_per_video=8)` (Video-LLaMA's demo
+  call) with torchaudio.load (torchcodec-based, not installed) returning `waveform`."""
+  data = imagebind_data()
+
+  def load(p):
+    assert p == path
+    return torch.from_numpy(waveform.samples.copy()), waveform.sample_rate
+
+  monkeypatch.setattr(data.torchaudio, "load", load)
+  with torch.inference_mode():
+    out = data.load_and_transform_audio_data([path], device="cpu", clips_per_video=8)
+  assert out.shape == (1, 8, 1, 128, 204)
+  return out[0].numpy()
+
+
+@pytest.mark.parametrize("seconds,rate,channels,layout", [
+    (5.0, 44100, 2, "overlapping"), (20.0, 44100, 2, "disjoint"), (1.5, 44100, 2, "short"),
+    (3.0, 16000, 1, "overlapping")])
+def test_aac_video_matches_installed_imagebind(tmp_path, monkeypatch, seconds, rate, channels, layout):
+  path = write_media(tmp_path / "v.mp4", tone_mix(seconds, rate, channels), rate)
+  native = load_audio(path, None)
+  samples, got_rate = decode(path)  # our loader decodes what PyAV's own float conversion gives
+  assert native.sample_rate == got_rate == rate
+  np.testing.assert_array_equal(native.samples, samples)
+  starts = [start for start, _ in clip_bounds(native.duration)]
+  if layout == "overlapping":
+    assert 0 < starts[1] < 2
+  elif layout == "disjoint":
+    assert starts[1] >= 2
+  else:
+    assert starts == [0] * 8
+  ref = imagebind_audio(monkeypatch, path, native)
+  ours = audio_features(path)
+  diff = np.abs(ours - ref).max()
+  print(f"{seconds:g} s {rate} Hz x{channels}: max |ours - imagebind| = {diff:.2e}")
+  assert diff <= 1e-3
+  # The replay the other tests use is the installed loader, op for op.
+  np.testing.assert_allclose(ref_features(samples, rate), ref, rtol=0, atol=1e-6)
 
 
 # -- The issue's bad inputs, each against the reference path --------------------------------------

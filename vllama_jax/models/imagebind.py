@@ -189,6 +189,12 @@ class ImageBindAttention(nnx.Module):
     return self.out(out.reshape(b, t, -1))
 
 
+def _gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as torch's nn.GELU() writes it, x / 2 * (1 + erf(x / sqrt(2))): jax.nn.gelu's
+  erfc form is the same function but runs ~3x more slowly on XLA's CPU backend."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
 class ImageBindMlp(nnx.Module):
 
   def __init__(self, cfg: ImageBindConfig, *, rngs: nnx.Rngs):
@@ -196,7 +202,7 @@ class ImageBindMlp(nnx.Module):
     self.fc2 = Linear(cfg.mlp_dim, cfg.width, names=("mlp", "embed"), use_bias=True, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.gelu(self.fc1(x), approximate=False)  # torch nn.GELU(): exact erf form
+    hidden = _gelu(self.fc1(x))
     return self.fc2(constrain(hidden, ("batch", "length", "act_mlp")))
 
 
