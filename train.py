@@ -30,19 +30,9 @@ def run(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
   from vllama_jax.train import loop
   start = time.time()
   synthetic = "synthetic" in config
-  data_dir = None
   if synthetic:
     from vllama_jax.train import synthetic_job
-    data_dir = synthetic_job.prepare(config, workdir, log=log) if jax.process_index() == 0 else None
-    with config.unlocked():
-      data_dir = data_dir or config.synthetic.data_dir or os.path.join(workdir, "data")
-      config.init_dir = config.init_dir or os.path.join(workdir, "init")
-      for spec in config.data.datasets:
-        if not spec["ann"]:
-          spec.update(ann=os.path.join(data_dir, "annotations", "train", "qa.json"),
-                      media=os.path.join(data_dir, "videos"),
-                      eval_ann=os.path.join(data_dir, "annotations", "test", "qa.json"),
-                      eval_media=os.path.join(data_dir, "videos"))
+    data_dir = synthetic_job.setup(config, workdir, log=log)
     log("[4/5] training both Q-Formers")
   result = loop.train(config, workdir, stop_after=stop_after, log=log)
   summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,

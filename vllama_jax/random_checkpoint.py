@@ -121,7 +121,8 @@ def write_random_video_llama(directory: str, seed: int = 0, hidden_size: int = 6
 def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict:
   """NumPy draws for every leaf of an abstract parameter tree (eager JAX initialisers compile one
   program per shape, which dominates building a tiny model): norm scales near 1, biases near 0,
-  weights N(0, 0.02), position tables N(0, 1)."""
+  Linear / Conv kernels N(0, 1/fan_in) (so a random frozen encoder's attention is not uniform),
+  position tables N(0, 1), other tables N(0, 0.02)."""
   out = {}
   for key, value in tree.items():
     path = f"{name}.{key}"
@@ -133,6 +134,9 @@ def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict
       array = 1 + 0.1 * noise
     elif key == "bias":
       array = 0.02 * noise
+    elif key == "kernel":  # (in, out), stacked (layers, in, out) or a conv (kh, kw, in, out)
+      fan_in = int(np.prod(value.shape[:-1])) if len(value.shape) == 4 else value.shape[-2]
+      array = noise / np.sqrt(fan_in)
     elif "position" in path:
       array = noise
     else:

@@ -31,7 +31,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, every: int = 1000, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -41,11 +42,11 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state, *, force: bool = False) -> bool:
     """Saves when `step` is due (or `force`) and not saved yet; returns whether it did."""
-    if step == self.latest_step:
+    if step == self.latest_step or not (force or step % self.every == 0):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(_encode_data_state(data_state)))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=True)
 
   def restore(self, abstract_state, step: int | None = None):
     """(state, data_state) at `step` (default: the latest); `abstract_state` gives structure,

@@ -139,8 +139,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
           values = _summarise(window, batch, time.perf_counter() - t_last, flops_per_step, peak, done_since_log)
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
+          steps_done = values.pop("_steps")
           log_file.write(step, "train", values | {"broken": sum(sum(c.values()) for c in data.counts.values())})
-          progress.update(values.pop("_steps"), loss=values["loss"], lr=values["lr"],
+          progress.update(steps_done, loss=values["loss"], lr=values["lr"],
                           samples_s=values["samples_per_s"], tokens_s=values["tokens_per_s"], mfu=values["mfu"])
         if eval_every and (step % eval_every == 0 or step == total):
           eval_loss = evaluate(config, eval_step, state.params, mesh)
@@ -148,6 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
           if main:
             progress.write(f"step {step}: held-out loss {eval_loss:.4f}")
           if config.eval.get("generate", 0) and main:
+            from vllama_jax.train.evaluation import sample_answers
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
         ckpt.save(step, state, data.get_state())
@@ -203,14 +205,6 @@ def evaluate(config, eval_step, params, mesh) -> float:
   finally:
     data.close()
   return total / max(tokens, 1.0)
-
-
-def sample_answers(config, graphdef, params, frozen) -> list[str]:
-  """A few greedy answers to held-out questions, for the log."""
-  from vllama_jax.train.evaluation import answer_questions, held_out_questions
-  questions = held_out_questions(config)[:config.eval.generate]
-  answers = answer_questions(config, graphdef, params, frozen, questions)
-  return [f"  Q: {q['question']}  A: {a}" for q, a in zip(questions, answers)]
 
 
 def export(config, graphdef, params, directory: str) -> None:

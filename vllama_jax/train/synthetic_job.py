@@ -117,7 +117,7 @@ def prepare(config, workdir: str, log=print) -> str:
   data_dir = s.data_dir or os.path.join(workdir, "data")
   log(f"[1/5] synthetic dataset in {data_dir} ({s.num_train} train / {s.num_test} held-out videos)")
   synthetic.generate(data_dir, s.num_train, s.num_test, s.seed)
-  init_dir = os.path.join(workdir, "init")
+  init_dir = config.init_dir or os.path.join(workdir, "init")
   if os.path.isfile(os.path.join(init_dir, "config.json")):
     log(f"[2/5] reusing the starting directory {init_dir}")
     return data_dir
@@ -138,11 +138,28 @@ def prepare(config, workdir: str, log=print) -> str:
   return data_dir
 
 
+def setup(config, workdir: str, log=print) -> str:
+  """`prepare` (on process 0) and point the config's init_dir and dataset paths at the results;
+  returns the dataset directory."""
+  data_dir = prepare(config, workdir, log=log) if jax.process_index() == 0 else None
+  data_dir = data_dir or config.synthetic.data_dir or os.path.join(workdir, "data")
+  with config.unlocked():
+    config.init_dir = config.init_dir or os.path.join(workdir, "init")
+    for spec in config.data.datasets:
+      if not spec["ann"]:
+        spec.update(ann=os.path.join(data_dir, "annotations", "train", "qa.json"),
+                    media=os.path.join(data_dir, "videos"),
+                    eval_ann=os.path.join(data_dir, "annotations", "test", "qa.json"),
+                    eval_media=os.path.join(data_dir, "videos"))
+  return data_dir
+
+
 def answer_held_out(config, directory: str, data_dir: str, limit: int | None = None,
                     log=print) -> dict[str, float]:
   """Step 5: every held-out question asked alone (first turn, media in front, as in training),
   greedy; accuracy per attribute."""
   from vllama_jax.infer.chat import VideoChat
+  from vllama_jax.train.evaluation import training_style
   chat = VideoChat.from_pretrained(directory, template=TEMPLATE, num_frames=config.data.num_frames,
                                    video_options=dict(config.get("video_options", {})))
   attributes = synthetic.load_attributes(data_dir, "test")
@@ -164,7 +181,7 @@ def answer_held_out(config, directory: str, data_dir: str, limit: int | None = N
     new = [p for p, _ in chunk if p not in media_cache]
     for p, m in zip(new, chat.encode_many([_request(p) for p in new])):
       media_cache[p] = m
-    convs = [_training_style(chat, media_cache[p], q) for p, q in chunk]
+    convs = [training_style(chat, media_cache[p], q) for p, q in chunk]
     out = chat.generate(convs, [media_cache[p] for p, _ in chunk], sampling=sampling)
     for (vid, attribute), text in zip(keys[start:start + batch], out):
       answers.setdefault(vid, {})[attribute] = text
@@ -177,17 +194,3 @@ def answer_held_out(config, directory: str, data_dir: str, limit: int | None = N
 def _request(path):
   from vllama_jax.infer.chat import Request
   return Request("", video=path)
-
-
-def _training_style(chat, media, question):
-  """The first turn as the training data renders it (data.text.videochat_turns + llama2_prompt)."""
-  from vllama_jax.data.text import slot_string
-  from vllama_jax.text.conversation import Conversation
-  runs = tuple(e.shape[0] for e in media.embeddings)
-  tags = (("<Audio>", "<Video>"), ("</Audio>", "</Video>")) if len(runs) == 2 else (("<Video>",), ("</Video>",))
-  prefix = slot_string(runs, *tags).replace("<ImageHere>" * runs[0], "<ImageHere>", 1)
-  if len(runs) == 2:
-    prefix = prefix.replace("<ImageHere>" * runs[1], "<ImageHere>", 1)
-  conv = Conversation(chat.template, " ")
-  conv.messages.append([chat.template.roles[0], prefix + " " + media.time_hint + question])
-  return conv

@@ -1,0 +1,70 @@
+"""The stage configs carry the reference's hyperparameters (spec 3.1-3.2) and train what it trains."""
+
+import os
+
+import pytest
+from flax import nnx
+
+from vllama_jax.cli import load_config_file
+from vllama_jax.config import llama_preset
+from vllama_jax.errors import ConfigError
+from vllama_jax.models.audio_branch import AudioBranchConfig
+from vllama_jax.models.video_branch import VideoBranchConfig
+from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+from vllama_jax.sharding import abstract_model
+from vllama_jax.train.optimizer import OptimizerConfig
+from vllama_jax.train.trainable import count_params, split_state
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# stage: (init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, batch, mode)
+REFERENCE = {
+    "vl_stage1": (1e-4, 8e-5, 1e-6, 2500, 2500, 5, 32, "video"),
+    "vl_stage2": (3e-5, 1e-5, 1e-6, 1000, 1000, 3, 4, "video"),
+    "al_stage1": (1e-4, 8e-5, 1e-6, 5000, 5000, 5, 32, "audio_vision"),
+    "al_stage2": (3e-5, 1e-5, 1e-6, 400, 1000, 3, 4, "audio_vision"),
+}
+# Trainable parameters of the released branches (spec 3.1): (7B, 13B).
+TRAINABLE = {"vl": (22_104_064, 22_891_520), "al": (22_855_680, 23_643_136)}
+
+
+@pytest.mark.parametrize("stage", sorted(REFERENCE))
+@pytest.mark.parametrize("variant", ["vicuna-7b", "llama2-13b"])
+def test_stage_configs_carry_the_reference_hyperparameters(stage, variant):
+  c = load_config_file(os.path.join(CONFIGS, f"{stage}.py:{variant}"))
+  o = c.optimizer
+  assert (o.init_lr, o.min_lr, o.warmup_lr, o.warmup_steps, o.iters_per_epoch, o.max_epoch,
+          c.data.batch_size, c.mode) == REFERENCE[stage]
+  assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.999, 1e-8, 0.05, None)
+  assert c.template == ("vicuna" if variant.startswith("vicuna") else "llama_2")
+  assert c.data.num_frames == 8 and c.seed == 42
+  OptimizerConfig(**o.to_dict())  # every key is one the optimizer knows
+  if stage.endswith("stage2"):
+    assert c.data.end_sym == ("###" if c.template == "vicuna" else "</s>")
+    assert len(c.data.prompts) == 4 and all("<ImageHere>" in p for p in c.data.prompts)
+    assert {d["format"] for d in c.data.datasets} == {"image_caption", "llava", "videochat"}
+  else:
+    assert c.data.end_sym == "\n" and c.data.max_txt_len == 32
+    assert [(d["format"], d["ratio"]) for d in c.data.datasets] == [("webvid", 100.0), ("image_caption", 24.0)]
+  assert c.data.num_query_tokens == (8 if stage.startswith("al") else 32)
+
+
+@pytest.mark.parametrize("size,hidden", [(0, 4096), (1, 5120)])
+def test_stage_trainable_sets_count_as_the_release(size, hidden):
+  cfg = VideoLlamaConfig(llama=llama_preset("vicuna-v0-7b" if size == 0 else "vicuna-v0-13b"),
+                         video=VideoBranchConfig.release(hidden), audio=AudioBranchConfig.release(hidden))
+  _, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+  for stage, branch in (("vl_stage1", "vl"), ("al_stage2", "al")):
+    trainable = load_config_file(os.path.join(CONFIGS, f"{stage}.py")).trainable
+    assert count_params(split_state(state, trainable)[0]) == TRAINABLE[branch][size]
+  joint = load_config_file(os.path.join(CONFIGS, "joint.py")).trainable
+  assert count_params(split_state(state, joint)[0]) == TRAINABLE["vl"][size] + TRAINABLE["al"][size]
+
+
+def test_unknown_variant_and_override_keys_are_errors():
+  with pytest.raises(ValueError, match="unknown LLM variant"):
+    load_config_file(os.path.join(CONFIGS, "vl_stage1.py:gpt-7b"))
+  from vllama_jax.cli import apply_override
+  c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
+  with pytest.raises(ConfigError, match="optimizer has no 'init_learning_rate'"):
+    apply_override(c, "optimizer.init_learning_rate", "1e-3")
