@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       text_steps=400, text_batch_size=32, text_lr=3e-3))
   c.model = ml_collections.ConfigDict(dict(
       llm_hidden=128, llm_ffn=344, llm_layers=2, llm_heads=4,
-      patch_size=16, vit_width=64, vit_depth=2, image_queries=4, qformer_width=64, audio_width=48))
+      patch_size=16, vit_width=64, vit_depth=2, image_queries=16, qformer_width=64, audio_width=48))
   c.optimizer = ml_collections.ConfigDict(dict(
       init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=600, max_epoch=1,
       weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))

@@ -47,10 +47,16 @@ def save_params(directory: str, tree: dict) -> None:
 
   Orbax copies what it writes; saving parameter by parameter, and dropping each from `tree` once
   written, bounds that copy to one parameter instead of the whole model.
+
+  The calling process writes alone, with no barrier across processes (a multi-host run's export
+  calls this on process 0 only, with host copies of the parameters).
   """
   root = os.path.abspath(os.path.join(directory, PARAMS_DIR))
   os.makedirs(root, exist_ok=True)
-  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+                                  multiprocessing_options=alone)
   for name, parent, key in _leaves(tree):
     checkpointer.save(os.path.join(root, name), args=ocp.args.StandardSave({"value": parent.pop(key)}))
   checkpointer.close()

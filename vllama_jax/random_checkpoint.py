@@ -122,7 +122,7 @@ def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict
   """NumPy draws for every leaf of an abstract parameter tree (eager JAX initialisers compile one
   program per shape, which dominates building a tiny model): norm scales near 1, biases near 0,
   Linear / Conv kernels N(0, 1/fan_in) (so a random frozen encoder's attention is not uniform),
-  position tables N(0, 1), other tables N(0, 0.02)."""
+  position tables N(0, 1), ImageBind's logit scale log(20), other tables N(0, 0.02)."""
   out = {}
   for key, value in tree.items():
     path = f"{name}.{key}"
@@ -137,7 +137,9 @@ def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict
     elif key == "kernel":  # (in, out), stacked (layers, in, out) or a conv (kh, kw, in, out)
       fan_in = int(np.prod(value.shape[:-1])) if len(value.shape) == 4 else value.shape[-2]
       array = noise / np.sqrt(fan_in)
-    elif "position" in path:
+    elif key == "log_logit_scale":  # ImageBind's fixed x20 after the L2 norm
+      array = np.full(value.shape, np.log(20.0))
+    elif "position" in path or key == "pos_embed":  # as strong as the patch embeddings they join
       array = noise
     else:
       array = 0.02 * noise

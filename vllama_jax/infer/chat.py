@@ -185,7 +185,10 @@ class VideoChat:
     prompts = [self._prompt_embeddings(c, m, sampling.max_new_tokens) for c, m in zip(conversations, media)]
     on_step = None if on_text is None else _TextStream(self, len(prompts), on_text)
     out = self.generator(prompts, sampling, seeds, on_step=on_step)
-    return [self.clean(row) for row in out.rows()]
+    answers = [self.clean(row) for row in out.rows()]
+    if on_step is not None:
+      on_step.finish(answers)
+    return answers
 
   def clean(self, generated: Sequence[int]) -> str:
     """The demo's answer text; its ids start with the BOS that transformers 4.28's generate() put
@@ -225,6 +228,13 @@ class _TextStream:
       if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
         self.on_text(row, text[len(self.sent[row]):])
         self.sent[row] = text
+
+  def finish(self, answers: list[str]) -> None:
+    """Sends what was held back (undecodable bytes at the end stay in the final answer)."""
+    for row, answer in enumerate(answers):
+      if answer.startswith(self.sent[row]) and len(answer) > len(self.sent[row]):
+        self.on_text(row, answer[len(self.sent[row]):])
+        self.sent[row] = answer
 
 
 @dataclasses.dataclass

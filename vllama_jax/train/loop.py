@@ -76,10 +76,25 @@ def total_steps(config) -> int:
 def global_batch(batch: dict, mesh) -> dict:
   """This process's rows -> global arrays split over ('data', 'fsdp')."""
   from vllama_jax.train.step import batch_shardings
-  shardings = batch_shardings(batch, mesh)
   if jax.process_count() == 1:
-    return jax.device_put(batch, shardings)
+    return jax.device_put(batch, batch_shardings(batch, mesh))
+  batch = _pad_text_to_longest_process(batch)
+  shardings = batch_shardings(batch, mesh)
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+
+TEXT_FILL = {"ids": 0, "source": -1, "labels": -100, "attention_mask": 0}  # as data.pipeline.collate pads
+
+
+def _pad_text_to_longest_process(batch: dict) -> dict:
+  """Each process pads its text to its own batch's bucket; the global arrays need one length, the
+  longest of all processes (padding on the right changes no loss)."""
+  from jax.experimental import multihost_utils
+  keys = [k for k in TEXT_FILL if k in batch]
+  local = max(batch[k].shape[1] for k in keys)
+  longest = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+  return batch | {k: np.pad(batch[k], ((0, 0), (0, longest - batch[k].shape[1])), constant_values=TEXT_FILL[k])
+                  for k in keys if batch[k].shape[1] < longest}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
@@ -208,8 +223,17 @@ def evaluate(config, eval_step, params, mesh) -> float:
 
 
 def export(config, graphdef, params, directory: str) -> None:
+  """Writes the trained directory; with several processes, process 0 writes host copies of the
+  (gathered) parameters while the others wait."""
   from vllama_jax.train.export import export_trained
-  export_trained(config.init_dir, params, directory)
+  if jax.process_count() == 1:
+    export_trained(config.init_dir, params, directory)
+    return
+  from jax.experimental import multihost_utils
+  params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
+  if jax.process_index() == 0:
+    export_trained(config.init_dir, params, directory)
+  multihost_utils.sync_global_devices("vllama_jax export")
 
 
 def check_config(config) -> None:

@@ -57,16 +57,31 @@ def model_config(config, vocab_size: int):
   return VideoLlamaConfig(llama=llama, video=video, audio=audio)
 
 
-def conversations(data_dir: str, split: str = "train") -> list[str]:
-  """The split's QA as LLaMA-2 chat text without media, plus its captions, for stage 0."""
+def conversations(data_dir: str, split: str = "train", num_frames: int = 8) -> list[str]:
+  """Stage-0 text: each video's QA as LLaMA-2 chat laid out as training lays it out, with the
+  attributes written as words where the media tokens will be ("<Audio> low tone </Audio> <Video> red
+  circle moving left </Video> The video contains ..."), plus the captions. The tiny LLM learns to
+  answer from what sits between the tags; training then teaches the Q-Formers to put it there from
+  the media (a large pretrained LLM brings such reading skills; a tiny one learns them here)."""
+  import csv
+
+  from vllama_jax.media.video import sample_indices, time_hint
+  attributes = synthetic.load_attributes(data_dir, split)
+  hint = time_hint(sample_indices(synthetic.NUM_FRAMES, num_frames), synthetic.FPS)
   with open(os.path.join(data_dir, "annotations", split, "qa.json")) as f:
     items = json.load(f)
   out = []
   for item in items:
+    a = attributes[os.path.splitext(os.path.basename(item["video"]))[0]]
+    sound = "silence" if a["sound"] == "silence" else f"{a['sound']} tone"
+    prefix = (f"<Audio> {sound} </Audio> <Video> {a['colour']} {a['shape']} moving {a['direction']} "
+              f"</Video> {hint}")
     turns = [t for pair in item["QA"] for t in ({"from": "human", "value": pair["q"]},
                                                  {"from": "gpt", "value": pair["a"]})]
+    turns[0] = {"from": "human", "value": prefix + turns[0]["value"]}
     out.append(llama2_prompt(turns))
-  return out + synthetic.text_corpus(data_dir, splits=(split,))
+  with open(os.path.join(data_dir, "annotations", split, "captions.csv"), newline="") as f:
+    return out + [row["name"] for row in csv.DictReader(f)]
 
 
 def pretrain_text(llama, tokenizer, texts: list[str], *, steps: int, batch_size: int, lr: float, seed: int,
@@ -108,10 +123,8 @@ def pretrain_text(llama, tokenizer, texts: list[str], *, steps: int, batch_size:
 
 def prepare(config, workdir: str, log=print) -> str:
   """Steps 1-3; returns the starting directory (kept and reused when complete)."""
-  from vllama_jax.models.video_llama import VideoLLaMA
-  from vllama_jax.pretrained import save_video_llama
-  from vllama_jax.random_checkpoint import _random_leaves, write_tokenizer
-  from vllama_jax.sharding import abstract_model
+  from vllama_jax.pretrained import load_llama, save_video_llama
+  from vllama_jax.random_checkpoint import write_tokenizer
   from vllama_jax.text.tokenizer import Tokenizer
   s = config.synthetic
   data_dir = s.data_dir or os.path.join(workdir, "data")
@@ -121,21 +134,44 @@ def prepare(config, workdir: str, log=print) -> str:
   if os.path.isfile(os.path.join(init_dir, "config.json")):
     log(f"[2/5] reusing the starting directory {init_dir}")
     return data_dir
-  texts = conversations(data_dir)
-  with tempfile.TemporaryDirectory() as tok_dir:
-    write_tokenizer(tok_dir, vocab_size=s.vocab_size, sentences=texts)
-    tokenizer = Tokenizer(tok_dir)
-    cfg = model_config(config, tokenizer.vocab_size)
-    graphdef, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
-    nnx.replace_by_pure_dict(state, _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(config.seed)))
-    model = nnx.merge(graphdef, state)
-    log(f"[2/5] stage 0: pre-training the {cfg.llama.num_layers}-layer LLM (hidden {cfg.llama.hidden_size}, "
-        f"vocab {tokenizer.vocab_size}) on {len(texts)} texts of the dataset")
-    pretrain_text(model.llama, tokenizer, texts, steps=s.text_steps, batch_size=s.text_batch_size, lr=s.text_lr,
-                  seed=config.seed, log=log)
-    save_video_llama(model, init_dir, tok_dir, template=TEMPLATE)
+  texts = conversations(data_dir, num_frames=config.data.num_frames)
+  stage0_dir = os.path.join(workdir, "stage0")
+  if not os.path.isfile(os.path.join(stage0_dir, "config.json")):
+    with tempfile.TemporaryDirectory() as tok_dir:
+      write_tokenizer(tok_dir, vocab_size=s.vocab_size, sentences=texts)
+      tokenizer = Tokenizer(tok_dir)
+      llama = _random_model(config, tokenizer.vocab_size).llama
+      log(f"[2/5] stage 0: pre-training the {llama.config.num_layers}-layer LLM (hidden "
+          f"{llama.config.hidden_size}, vocab {tokenizer.vocab_size}) on {len(texts)} texts of the dataset")
+      pretrain_text(llama, tokenizer, texts, steps=s.text_steps, batch_size=s.text_batch_size, lr=s.text_lr,
+                    seed=config.seed, log=log)
+      _save_llama(llama, stage0_dir, tok_dir)
+  else:
+    log(f"[2/5] reusing the stage-0 LLM in {stage0_dir}")
+  model = _random_model(config, Tokenizer(stage0_dir).vocab_size)
+  model.llama = load_llama(stage0_dir, scan_layers=True)
+  save_video_llama(model, init_dir, stage0_dir, template=TEMPLATE)
   log(f"[3/5] starting directory (random frozen encoders, pretrained frozen LLM): {init_dir}")
   return data_dir
+
+
+def _random_model(config, vocab_size: int):
+  from vllama_jax.models.video_llama import VideoLLaMA
+  from vllama_jax.random_checkpoint import _random_leaves
+  from vllama_jax.sharding import abstract_model
+  cfg = model_config(config, vocab_size)
+  graphdef, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+  nnx.replace_by_pure_dict(state, _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(config.seed)))
+  return nnx.merge(graphdef, state)
+
+
+def _save_llama(llama, directory: str, tokenizer_dir: str) -> None:
+  from vllama_jax.convert.output import staged_output
+  from vllama_jax.pretrained import LLAMA, copy_tokenizer, save_params, write_config
+  with staged_output(directory) as staging:
+    copy_tokenizer(tokenizer_dir, staging)
+    save_params(staging, {LLAMA: nnx.to_pure_dict(nnx.state(llama))})
+    write_config(staging, {LLAMA: llama.config.to_hf()})
 
 
 def setup(config, workdir: str, log=print) -> str:

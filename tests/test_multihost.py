@@ -1,0 +1,179 @@
+"""Multi-host for real on one machine: two processes joined by `jax.distributed` over loopback (CPU
+collectives over gloo), one CPU device and one data shard each, train the quick synthetic config in
+one shared workdir; a single process with two CPU devices (the same mesh), fed the same global
+batches (shard 0's rows then shard 1's), gives the same losses, the same final checkpoint and the
+same exported parameters. Only process 0 writes the metrics.
+
+The children run tests/multihost_worker.py; the parent prepares the dataset and start directory
+once and reads what the children wrote.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from multihost_worker import make_config  # noqa: E402 (tests/ is on sys.path under pytest)
+from vllama_jax.pretrained import PARAMS_DIR
+from vllama_jax.train import checkpoint, synthetic_job
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "multihost_worker.py")
+STEPS = 3
+TIMEOUT_S = 420
+
+
+def _gloo_available() -> bool:
+  try:
+    from jax._src.lib import _jax
+  except ImportError:  # an older jaxlib layout
+    from jax._src.lib import xla_extension as _jax
+  return hasattr(_jax, "make_gloo_tcp_collectives")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int | None) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # conftest's eight devices are for this process only
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _tail(path: str, n: int = 6000) -> str:
+  with open(path, errors="replace") as f:
+    return f.read()[-n:]
+
+
+def _run_children(commands: dict[str, tuple[list[str], dict]], logs: str) -> None:
+  """Starts every command at once; fails (with each child's output) unless all exit 0 in time."""
+  procs = {}
+  for name, (args, env) in commands.items():
+    log = open(os.path.join(logs, f"{name}.log"), "w")
+    procs[name] = (subprocess.Popen([sys.executable, WORKER, *args], env=env, cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT), log)
+  deadline = time.monotonic() + TIMEOUT_S
+  failed = []
+  try:
+    for name, (proc, _) in procs.items():
+      try:
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        rc = f"timed out after {TIMEOUT_S} s"
+      if rc != 0:
+        failed.append(f"{name}: {rc}")
+  finally:
+    for proc, log in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+  if failed:
+    report = "\n".join(f"===== {name} =====\n{_tail(os.path.join(logs, name + '.log'))}" for name in procs)
+    pytest.fail(f"children failed ({'; '.join(failed)}):\n{report}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives (no make_gloo_tcp_collectives)")
+  base = tmp_path_factory.mktemp("multihost")
+  config = make_config(str(base), STEPS, 4)
+  synthetic_job.setup(config, str(base / "setup"), log=lambda *_: None)  # data/ and init/ in base
+  common = ["--base", str(base), "--steps", str(STEPS), "--dump-after", str(TIMEOUT_S - 20)]
+  port = _free_port()
+  multi = str(base / "multi")
+  commands = {f"process{i}": (common + ["--workdir", multi, "--out", str(base / f"process{i}.json"),
+                                        "--process-id", str(i), "--port", str(port)], _env(None))
+              for i in range(2)}
+  commands["baseline"] = (common + ["--workdir", str(base / "single"), "--out", str(base / "baseline.json"),
+                                    "--baseline"], _env(2))
+  _run_children(commands, str(base))
+  out = {}
+  for name in commands:
+    with open(base / f"{name}.json") as f:
+      out[name] = json.load(f)
+  return base, out
+
+
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(runs):
+  _, out = runs
+  for i in range(2):
+    o = out[f"process{i}"]
+    assert (o["process_index"], o["process_count"], o["device_count"], o["local_device_count"]) == (i, 2, 2, 1)
+    assert o["step"] == STEPS and len(o["losses"]) == STEPS
+  b = out["baseline"]
+  assert (b["process_count"], b["device_count"], b["step"]) == (1, 2, STEPS)
+  np.testing.assert_array_equal(out["process0"]["losses"], out["process1"]["losses"])  # one global loss
+  np.testing.assert_allclose(out["process0"]["losses"], b["losses"], rtol=1e-5, atol=0)
+
+
+def test_only_process_zero_writes_the_metrics(runs):
+  base, _ = runs
+  lines = [json.loads(line) for line in open(base / "multi" / "metrics.jsonl")]
+  # Both processes share the workdir: a second writer would append every step again.
+  assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 1))
+
+
+def _read_tree(path: str):
+  """An orbax PyTree checkpoint as numpy arrays, whatever devices wrote it."""
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _assert_trees_close(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
+    if x.dtype.kind == "f":
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def _data_state(step_dir):
+  with open(os.path.join(step_dir, "data", "metadata")) as f:
+    return checkpoint._decode_data_state(json.load(f))
+
+
+def test_the_saved_checkpoint_is_the_single_process_one(runs):
+  base, _ = runs
+  multi, single = base / "multi" / "checkpoints", base / "single" / "checkpoints"
+  assert os.listdir(multi) == os.listdir(single) == [str(STEPS)]
+  state = os.path.join(multi, str(STEPS), "state")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state))  # written by both processes
+  a = _read_tree(state)
+  _assert_trees_close(a, _read_tree(os.path.join(single, str(STEPS), "state")))
+  assert int(a["step"]) == STEPS
+  # The data position: process 0's iterator where the baseline's shard 0 is (orbax's JSON item is
+  # written by the primary process alone).
+  assert _data_state(os.path.join(multi, str(STEPS))) == \
+      _data_state(os.path.join(single, str(STEPS)))["shards"][0]
+
+
+def test_the_export_is_the_single_process_one(runs):
+  base, out = runs
+  assert out["process0"]["export_dir"] == out["process1"]["export_dir"] == str(base / "multi" / "export")
+  multi, single = base / "multi" / "export" / PARAMS_DIR, base / "single" / "export" / PARAMS_DIR
+  written = sorted(n for n in os.listdir(multi) if not os.path.islink(multi / n))
+  assert written == sorted(n for n in os.listdir(single) if not os.path.islink(single / n))
+  assert written and sorted(os.listdir(multi)) == sorted(os.listdir(single))
+  for name in written:
+    _assert_trees_close(_read_tree(str(multi / name)), _read_tree(str(single / name)))
+  assert not [n for n in os.listdir(base / "multi") if n.startswith(".converting-")]  # no stray staging
