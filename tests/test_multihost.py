@@ -22,7 +22,7 @@ import pytest
 
 from multihost_worker import make_config  # noqa: E402 (tests/ is on sys.path under pytest)
 from vllama_jax.pretrained import PARAMS_DIR
-from vllama_jax.train import checkpoint, synthetic_job
+from vllama_jax.train import synthetic_job
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -147,9 +147,12 @@ def _assert_trees_close(a, b):
       np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def _data_state(step_dir):
+def _data_states(step_dir) -> list:
+  """The data iterator state each process saved, in process order."""
+  import base64
+  import pickle
   with open(os.path.join(step_dir, "data", "metadata")) as f:
-    return checkpoint._decode_data_state(json.load(f))
+    return [pickle.loads(base64.b64decode(b)) for b in json.load(f)["pickles"]]
 
 
 def test_the_saved_checkpoint_is_the_single_process_one(runs):
@@ -161,10 +164,9 @@ def test_the_saved_checkpoint_is_the_single_process_one(runs):
   a = _read_tree(state)
   _assert_trees_close(a, _read_tree(os.path.join(single, str(STEPS), "state")))
   assert int(a["step"]) == STEPS
-  # The data position: process 0's iterator where the baseline's shard 0 is (orbax's JSON item is
-  # written by the primary process alone).
-  assert _data_state(os.path.join(multi, str(STEPS))) == \
-      _data_state(os.path.join(single, str(STEPS)))["shards"][0]
+  # The data position: process i's iterator where the baseline's shard i is.
+  [baseline] = _data_states(os.path.join(single, str(STEPS)))
+  assert _data_states(os.path.join(multi, str(STEPS))) == baseline["shards"]
 
 
 def test_the_export_is_the_single_process_one(runs):

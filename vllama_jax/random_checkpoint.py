@@ -118,21 +118,24 @@ def write_random_video_llama(directory: str, seed: int = 0, hidden_size: int = 6
   return directory
 
 
-def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "") -> dict:
+def _random_leaves(tree: dict, rng: np.random.Generator, name: str = "", small_kernels: tuple = ()) -> dict:
   """NumPy draws for every leaf of an abstract parameter tree (eager JAX initialisers compile one
   program per shape, which dominates building a tiny model): norm scales near 1, biases near 0,
   Linear / Conv kernels N(0, 1/fan_in) (so a random frozen encoder's attention is not uniform),
-  position tables N(0, 1), ImageBind's logit scale log(20), other tables N(0, 0.02)."""
+  position tables N(0, 1), ImageBind's logit scale log(20), other tables N(0, 0.02); kernels under
+  the `small_kernels` path prefixes N(0, 0.02)."""
   out = {}
   for key, value in tree.items():
     path = f"{name}.{key}"
     if isinstance(value, dict):
-      out[key] = _random_leaves(value, rng, path)
+      out[key] = _random_leaves(value, rng, path, small_kernels)
       continue
     noise = rng.standard_normal(value.shape, np.float32)
     if key in ("scale", "weight"):  # LayerNorm / RMSNorm (Linear weights are "kernel")
       array = 1 + 0.1 * noise
     elif key == "bias":
+      array = 0.02 * noise
+    elif key == "kernel" and path.lstrip(".").startswith(small_kernels) and small_kernels:
       array = 0.02 * noise
     elif key == "kernel":  # (in, out), stacked (layers, in, out) or a conv (kh, kw, in, out)
       fan_in = int(np.prod(value.shape[:-1])) if len(value.shape) == 4 else value.shape[-2]

@@ -12,18 +12,38 @@ import os
 import pickle
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vllama_jax.errors import CheckpointError
 
 
+def _all_processes(blob: bytes) -> list[bytes]:
+  """Every process's `blob`, in process order (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return [blob]
+  from jax.experimental import multihost_utils
+  size = int(np.max(multihost_utils.process_allgather(np.int32(len(blob)))))
+  padded = np.zeros(size, np.uint8)
+  padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(blob)))
+  rows = multihost_utils.process_allgather(padded)
+  return [bytes(rows[i][:int(n)]) for i, n in enumerate(lengths)]
+
+
 def _encode_data_state(state) -> dict:
-  """Iterator states may hold bytes or numpy scalars; JSON carries them pickled in base64."""
-  return {"pickle": base64.b64encode(pickle.dumps(state)).decode("ascii")}
+  """Each process's iterator state (its own data shard), pickled in base64: orbax's JSON item is
+  written by process 0 alone, so it carries all of them."""
+  blobs = _all_processes(pickle.dumps(state))
+  return {"pickles": [base64.b64encode(b).decode("ascii") for b in blobs]}
 
 
 def _decode_data_state(saved: dict):
-  return pickle.loads(base64.b64decode(saved["pickle"]))
+  blobs = saved["pickles"]
+  if len(blobs) != jax.process_count():
+    raise CheckpointError(f"the checkpoint holds the data state of {len(blobs)} processes; this run has "
+                          f"{jax.process_count()} (resume with the same number of processes)")
+  return pickle.loads(base64.b64decode(blobs[jax.process_index()]))
 
 
 class Checkpointer:

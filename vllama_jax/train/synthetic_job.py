@@ -23,7 +23,11 @@ from flax import nnx
 from vllama_jax.data import synthetic
 from vllama_jax.data.text import llama2_prompt
 
-TEMPLATE = "llama_2"  # its label masks line up with any legacy-SentencePiece vocabulary (data/text.py)
+TEMPLATE = "llama_2"
+# Initialised as the reference initialises what trains (BERT's N(0, 0.02)); the frozen random
+# encoders get fan-in scaled kernels instead, so that their attention is not uniform.
+TRAINABLE = ("video_branch.video_qformer", "video_branch.llama_proj", "audio_branch.audio_qformer",
+             "audio_branch.audio_llama_proj")  # its label masks line up with any legacy-SentencePiece vocabulary (data/text.py)
 
 
 def model_config(config, vocab_size: int):
@@ -57,31 +61,16 @@ def model_config(config, vocab_size: int):
   return VideoLlamaConfig(llama=llama, video=video, audio=audio)
 
 
-def conversations(data_dir: str, split: str = "train", num_frames: int = 8) -> list[str]:
-  """Stage-0 text: each video's QA as LLaMA-2 chat laid out as training lays it out, with the
-  attributes written as words where the media tokens will be ("<Audio> low tone </Audio> <Video> red
-  circle moving left </Video> The video contains ..."), plus the captions. The tiny LLM learns to
-  answer from what sits between the tags; training then teaches the Q-Formers to put it there from
-  the media (a large pretrained LLM brings such reading skills; a tiny one learns them here)."""
-  import csv
-
-  from vllama_jax.media.video import sample_indices, time_hint
-  attributes = synthetic.load_attributes(data_dir, split)
-  hint = time_hint(sample_indices(synthetic.NUM_FRAMES, num_frames), synthetic.FPS)
+def conversations(data_dir: str, split: str = "train") -> list[str]:
+  """Stage-0 text: each video's QA as LLaMA-2 chat (without media), plus the captions."""
   with open(os.path.join(data_dir, "annotations", split, "qa.json")) as f:
     items = json.load(f)
   out = []
   for item in items:
-    a = attributes[os.path.splitext(os.path.basename(item["video"]))[0]]
-    sound = "silence" if a["sound"] == "silence" else f"{a['sound']} tone"
-    prefix = (f"<Audio> {sound} </Audio> <Video> {a['colour']} {a['shape']} moving {a['direction']} "
-              f"</Video> {hint}")
     turns = [t for pair in item["QA"] for t in ({"from": "human", "value": pair["q"]},
                                                  {"from": "gpt", "value": pair["a"]})]
-    turns[0] = {"from": "human", "value": prefix + turns[0]["value"]}
     out.append(llama2_prompt(turns))
-  with open(os.path.join(data_dir, "annotations", split, "captions.csv"), newline="") as f:
-    return out + [row["name"] for row in csv.DictReader(f)]
+  return out + synthetic.text_corpus(data_dir, splits=(split,))
 
 
 def pretrain_text(llama, tokenizer, texts: list[str], *, steps: int, batch_size: int, lr: float, seed: int,
@@ -134,7 +123,7 @@ def prepare(config, workdir: str, log=print) -> str:
   if os.path.isfile(os.path.join(init_dir, "config.json")):
     log(f"[2/5] reusing the starting directory {init_dir}")
     return data_dir
-  texts = conversations(data_dir, num_frames=config.data.num_frames)
+  texts = conversations(data_dir)
   stage0_dir = os.path.join(workdir, "stage0")
   if not os.path.isfile(os.path.join(stage0_dir, "config.json")):
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -161,7 +150,8 @@ def _random_model(config, vocab_size: int):
   from vllama_jax.sharding import abstract_model
   cfg = model_config(config, vocab_size)
   graphdef, state = abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
-  nnx.replace_by_pure_dict(state, _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(config.seed)))
+  leaves = _random_leaves(nnx.to_pure_dict(state), np.random.default_rng(config.seed), small_kernels=TRAINABLE)
+  nnx.replace_by_pure_dict(state, leaves)
   return nnx.merge(graphdef, state)
 
 
