@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every = 20
   c.progress = True
   if variant == "quick":  # a smoke run for tests: few steps, few samples
-    c.synthetic.update(num_train=48, num_test=16, text_steps=40)
+    c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8)
     c.optimizer.update(iters_per_epoch=8, warmup_steps=2)
     c.data.batch_size = 4
     c.eval.update(every=4, batches=1, generate=0)
