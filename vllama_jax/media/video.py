@@ -202,32 +202,33 @@ def _resize(frame, size: int) -> np.ndarray:
   return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
-def load_video(path, num_frames: int = 8, size: int = IMAGE_SIZE) -> SampledVideo:
-  """Sample `num_frames` frames (fewer when the video is shorter) as the reference demo does.
+def decode_frames(path, choose, size: int = IMAGE_SIZE, threads: int = 4):
+  """(uint8 frames (T, size, size, 3), indices, timestamps from the first frame, VideoInfo) of the
+  frames at `choose(num_frames)` (or a list of indices), each the frame nearest its timestamp.
 
   Raises MediaError when the file is missing, is not a video FFmpeg decodes, or has no video
-  stream or no decodable frame.
+  stream or no decodable frame; ValueError for indices that are not sorted and in range.
   """
   import av
-  if num_frames < 1:
-    raise ValueError(f"num_frames must be at least 1, got {num_frames}")
   path, container, stream = _open(path)
   try:
     with container:
       stream.thread_type = "AUTO"  # frame threads hold a few frames each: keep them few
-      stream.thread_count = min(4, os.cpu_count() or 1)
+      stream.thread_count = min(threads, os.cpu_count() or 1)
       info = _info(path, container, stream)
       if info.num_frames < 1:
         raise MediaError(f"{path}: the video stream holds no frames")
-      indices = sample_indices(info.num_frames, num_frames)
+      indices = [int(i) for i in (choose(info.num_frames) if callable(choose) else choose)]
+      if not indices or indices != sorted(indices) or indices[0] < 0 or indices[-1] >= info.num_frames:
+        raise ValueError(f"{path}: bad frame indices {indices} for {info.num_frames} frames")
       cursor = _Cursor(container, stream, info.fps)
       cursor.restart()
-      first, t0 = cursor.nearest(-math.inf)  # index 0 is always sampled
+      first, t0 = cursor.nearest(-math.inf)
       if first is None:
         raise MediaError(f"{path}: the video stream holds no decodable frame")
-      targets = [t0 + i / info.fps for i in indices[1:]]
+      frames, times = ([_resize(first, size)], [t0]) if indices[0] == 0 else ([], [])
+      targets = [t0 + i / info.fps for i in indices[len(frames):]]
       keys = _keyframe_times(path, stream.index, targets) if targets else []
-      frames, times = [_resize(first, size)], [t0]
       for target, key in zip(targets, keys):
         if key is not None and cursor.last_t is not None and cursor.last_t < key <= target:
           cursor.restart(target)
@@ -243,8 +244,18 @@ def load_video(path, num_frames: int = 8, size: int = IMAGE_SIZE) -> SampledVide
         times.append(t)
   except av.error.FFmpegError as e:
     raise MediaError(f"{path}: cannot decode the video stream ({e})") from e
+  return np.stack(frames), indices, tuple(round(t - t0, 6) for t in times), info
+
+
+def load_video(path, num_frames: int = 8, size: int = IMAGE_SIZE) -> SampledVideo:
+  """Sample `num_frames` frames (fewer when the video is shorter) as the reference demo does.
+
+  Raises MediaError when the file is missing, is not a video FFmpeg decodes, or has no video
+  stream or no decodable frame.
+  """
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+  frames, indices, timestamps, info = decode_frames(path, lambda n: sample_indices(n, num_frames), size)
   return SampledVideo(
-      frames=normalize(np.stack(frames)), indices=tuple(indices),
-      timestamps=tuple(round(t - t0, 6) for t in times), fps=info.fps,
-      num_frames=info.num_frames, duration=info.duration,
-      time_hint=time_hint(indices, info.fps))
+      frames=normalize(frames), indices=tuple(indices), timestamps=timestamps, fps=info.fps,
+      num_frames=info.num_frames, duration=info.duration, time_hint=time_hint(indices, info.fps))
