@@ -69,6 +69,7 @@ def write_video(path, codec="libx264", num_frames=20, width=64, height=48, rate=
     audio = out.add_stream("pcm_s16le", rate=8000) if audio_first else None
     stream = out.add_stream(codec, rate=rate, options=options or {})
     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    stream.codec_context.thread_count = 1  # the same frames encode to the same bits, whatever the load
     if time_base is not None:
       stream.time_base = stream.codec_context.time_base = Fraction(time_base)
     if rotation is not None:
