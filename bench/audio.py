@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from timing import median_times  # noqa: E402
 from vllama_jax.torch_compat import install_torchvision_shim  # noqa: E402
 
 install_torchvision_shim()  # before the reference imports torchvision
@@ -64,17 +64,6 @@ def encoder_config(args) -> ImageBindConfig:
   if args.quick:
     return ImageBindConfig.tiny_audio(dtype="float32")
   return ImageBindConfig.audio(depth=args.depth, dtype="float32")
-
-
-def timed_turns(fns: dict, repeats: int) -> dict:
-  """Median seconds of each callable, run in turns."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---- the reference preprocessing (ImageBind's load_and_transform_audio_data after loading) ----
@@ -114,7 +103,7 @@ def bench_fbank(args, rng) -> list[tuple]:
     with torch.inference_mode():
       ref = torch.stack([torch_fbank(c) for c in t_clips]).numpy()
       diff = np.abs(ours - ref).max()
-      t = timed_turns({"ours": lambda: kaldi_fbank(clips, RATE, 128),
+      t = median_times({"ours": lambda: kaldi_fbank(clips, RATE, 128),
                        "torch": lambda: [torch_fbank(c) for c in t_clips]}, args.fbank_repeats)
     rows.append((f"kaldi fbank, {n} x 2-s clips", n, t["ours"], t["torch"], diff))
 
@@ -124,7 +113,7 @@ def bench_fbank(args, rng) -> list[tuple]:
   with torch.inference_mode():
     ref = torch_audio_features(t_wave, args.clips).numpy()
     diff = np.abs(ours - ref).max()
-    t = timed_turns({"ours": lambda: audio_features(wave, num_clips=args.clips),
+    t = median_times({"ours": lambda: audio_features(wave, num_clips=args.clips),
                      "torch": lambda: torch_audio_features(t_wave, args.clips)}, args.fbank_repeats)
   rows.append((f"audio_features, {args.seconds:g}-s wave", ours.shape[0], t["ours"], t["torch"], diff))
   return rows
@@ -156,7 +145,7 @@ def bench_encoder(args, cfg, rng) -> tuple:
       out = reference.modality_heads["audio"](out, **value["head"])
       return reference.modality_postprocessors["audio"](out)
 
-  t = timed_turns({"ours": lambda: forward(state, jx).block_until_ready(), "torch": torch_forward}, args.repeats)
+  t = median_times({"ours": lambda: forward(state, jx).block_until_ready(), "torch": torch_forward}, args.repeats)
   return ("ImageBind audio encoder", flat.shape[0], t["ours"], t["torch"], diff), compile_s, np.abs(expected).max()
 
 

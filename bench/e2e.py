@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from timing import median_times  # noqa: E402
 from vllama_jax.torch_compat import install_torchvision_shim  # noqa: E402
 
 install_torchvision_shim()  # before transformers / imagebind import torchvision
@@ -116,17 +117,6 @@ def configs(args):
                             vision=ImageBindConfig.tiny_vision(dtype="float32", out_dim=1024),
                             qformer=QFormerConfig.audio(), llm_hidden_size=args.hidden)
   return video, audio
-
-
-def timed_turns(fns: dict, repeats: int) -> dict:
-  """Median seconds of each callable, run in turns (load from other processes hits all alike)."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---- the test video ------------------------------------------------------------------------------
@@ -414,7 +404,7 @@ def main(argv=None) -> int:
 
     frames, t_frames = sampled.frames, t_sampled.frames
     t_ctx = lambda: ref.contexts([q], t_sampled, t_audio, t_video)  # noqa: E731
-    single = timed_turns({
+    single = median_times({
         "ours decode": lambda: ours.decode(path), "torch decode": lambda: ref.decode(path),
         "ours encode": lambda: ours.encode(frames, sound), "torch encode": lambda: ref.encode(t_frames[None], t_fbank),
         "ours prefill": lambda: ours.generate([q], [media], ours.first),
@@ -427,7 +417,7 @@ def main(argv=None) -> int:
     compile_batch = time.perf_counter() - start
     phases = {"ours": {}, "torch": {}}
     batched, one_by_one = [], []  # torch needs no warm-up at these shapes: the checks use the timed runs
-    batch = timed_turns({"ours": lambda: ours.answer_batch(path, questions, phases["ours"]),
+    batch = median_times({"ours": lambda: ours.answer_batch(path, questions, phases["ours"]),
                          "torch batched": lambda: batched.append(ref.answer_batch(path, questions, phases["torch"])),
                          "torch one by one": lambda: one_by_one.append(
                              np.concatenate([ref.answer(path, x) for x in questions]))}, args.batch_repeats)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from timing import median_times  # noqa: E402
 from vllama_jax.torch_compat import install_torchvision_shim  # noqa: E402
 
 install_torchvision_shim()  # before transformers imports a model (and with it torchvision)
@@ -63,18 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.heads = args.heads or max(1, args.hidden // 64)
   args.ffn = args.ffn or (2816 if args.hidden == 1024 else 256 * -(-8 * args.hidden // 3 // 256))
   return args
-
-
-def median_times(fns: dict, repeats: int) -> dict:
-  """Median wall time (s) of each blocking `fn()`, timed round-robin so that load from other
-  processes on a shared machine hits every contender alike."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build_models(args, workdir: str):
