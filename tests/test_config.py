@@ -80,3 +80,13 @@ def test_unknown_or_mistyped_override_is_an_error():
   apply_override(config, "questions", "('a', 'b')")
   assert config.questions == ("a", "b")
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_overrides_index_into_lists_of_datasets():
+  config, _ = parse_config_args(["--config", "configs/vl_stage1.py:vicuna-7b", "--config.data.datasets.1.ann=cc/x.json",
+                                 "--config.data.datasets.0.ratio=3"], DEMO)
+  assert config.data.datasets[1]["ann"] == "cc/x.json" and config.data.datasets[0]["ratio"] == 3
+  with pytest.raises(ConfigError, match=r"unknown config key 'data.datasets.7.ann'.*known keys: \[0, 1\]"):
+    parse_config_args(["--config", "configs/vl_stage1.py", "--config.data.datasets.7.ann=x"], DEMO)
+  with pytest.raises(ConfigError, match=r"'data.datasets.0.nope'"):
+    parse_config_args(["--config", "configs/vl_stage1.py", "--config.data.datasets.0.nope=x"], DEMO)

@@ -31,18 +31,33 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _child_key(node, part: str):
+  """`part` as a key of `node` (a ConfigDict, dict or list: `datasets.0.ann`), or None."""
+  if isinstance(node, list):
+    return int(part) if part.isdigit() and int(part) < len(node) else None
+  if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+    return part
+  return None
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
   *parents, leaf = dotted_key.split(".")
   node, walked = config, "config"
   for part in parents + [leaf]:
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    key = _child_key(node, part)
+    if key is None:
+      known = (list(range(len(node))) if isinstance(node, list) else
+               sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else [])
       raise ConfigError(f"unknown config key {dotted_key!r}: {walked} has no {part!r}; known keys: {known}")
     if part != leaf:
-      node, walked = node[part], f"{walked}.{part}"
-  current = node[leaf]
-  with node.unlocked():
-    node[leaf] = _parse_like(text, current, dotted_key)
+      node, walked = node[key], f"{walked}.{part}"
+  key = _child_key(node, leaf)
+  value = _parse_like(text, node[key], dotted_key)
+  if isinstance(node, ml_collections.ConfigDict):
+    with node.unlocked():
+      node[key] = value
+  else:
+    node[key] = value
 
 
 def _parse_like(text: str, current, key: str):
