@@ -12,6 +12,16 @@ from vllama_jax.data.decode import load_video_indices
 from vllama_jax.media import MediaError
 
 AUDIO_ROWS = 8
+SKIPPED = (ValueError, OSError, KeyError, TypeError)  # what a broken sample may raise
+
+
+def skip_reason(error: Exception, media: str) -> str:
+  """The counter a sample that raised `error` (one of SKIPPED) is skipped under."""
+  if isinstance(error, text.BrokenSample):
+    return error.reason
+  if isinstance(error, MediaError):
+    return "corrupt media" if media and os.path.isfile(media) else "missing file"
+  return "bad sample"
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class DataConfig:
   num_workers: int = 0  # worker processes (grain mp_prefetch); 0: none
   num_threads: int = 2  # reading threads per process (grain ReadOptions)
   prefetch: int = 8  # elements read ahead per process
+  cache_dir: str = ""  # a media cache (data.media_cache) to read videos' frames and filterbanks from
 
   @property
   def runs(self) -> tuple[int, ...]:
@@ -47,13 +58,23 @@ class DataConfig:
 
 
 class SampleBuilder:
-  """Picklable record -> example function (the tokenizer is rebuilt in each worker process)."""
+  """Picklable record -> example function (the tokenizer and the media cache are reopened in each
+  worker process)."""
 
   def __init__(self, tokenizer_dir: str, cfg: DataConfig):
-    self.tokenizer_dir, self.cfg, self._tok = tokenizer_dir, cfg, None
+    self.tokenizer_dir, self.cfg, self._tok, self._cache = tokenizer_dir, cfg, None, None
+    if cfg.cache_dir:  # opened here too, so that a cache that does not fit fails at once
+      self.cache.check(cfg.num_frames, cfg.size, cfg.audio)
 
   def __getstate__(self):
-    return {"tokenizer_dir": self.tokenizer_dir, "cfg": self.cfg, "_tok": None}
+    return {"tokenizer_dir": self.tokenizer_dir, "cfg": self.cfg, "_tok": None, "_cache": None}
+
+  @property
+  def cache(self):
+    if self._cache is None and self.cfg.cache_dir:
+      from vllama_jax.data.media_cache import MediaCache
+      self._cache = MediaCache(self.cfg.cache_dir)
+    return self._cache
 
   @property
   def tokenizer(self):
@@ -66,13 +87,8 @@ class SampleBuilder:
   def __call__(self, index: int, record: dict) -> dict:
     try:
       return self.build(index, record)
-    except text.BrokenSample as e:
-      return {"broken": e.reason}
-    except MediaError:
-      media = record.get("media", "")
-      return {"broken": "corrupt media" if media and os.path.isfile(media) else "missing file"}
-    except (ValueError, OSError, KeyError, TypeError):
-      return {"broken": "bad sample"}
+    except SKIPPED as e:
+      return {"broken": skip_reason(e, record.get("media", ""))}
 
   def max_length(self) -> int:
     """The longest text a sample can have."""
@@ -96,13 +112,22 @@ class SampleBuilder:
         raise text.BrokenSample("empty caption")
     out = {"broken": ""}
     hint = ""
-    if record["media_type"] == "video":
-      out["frames"], hint = self.video(record["media"], rng, headtail=record["kind"] == "caption")
+    video = record["media_type"] == "video"
+    cached = self.cache.get(record["media"]) if video and self.cache is not None else None
+    if cached is not None and cached.broken:
+      raise text.BrokenSample(cached.broken)
+    if video:
+      out["frames"], hint = self.video(record["media"], rng, record["kind"] == "caption", cached)
     else:
       out["frames"] = self.image(record["media"], rng)
     if cfg.audio:
-      from vllama_jax.media.audio import audio_features
-      bank = audio_features(record["media"])
+      if cached is not None:
+        if cached.audio_broken:
+          raise text.BrokenSample(cached.audio_broken)
+        bank = cached.filterbanks
+      else:
+        from vllama_jax.media.audio import audio_features
+        bank = audio_features(record["media"])
       if bank is None:
         raise text.BrokenSample("no audio")
       out["filterbanks"] = bank.astype(np.float32)
@@ -118,7 +143,7 @@ class SampleBuilder:
       ex = text.instruction_example(tok, turns, cfg.template, cfg.runs, cfg.max_len)
     return out | ex
 
-  def video(self, path, rng, headtail: bool):
+  def video(self, path, rng, headtail: bool, cached=None):
     from vllama_jax.media.image import normalize
     from vllama_jax.media.video import sample_indices, time_hint
     n = self.cfg.num_frames
@@ -129,7 +154,10 @@ class SampleBuilder:
       if headtail and self.cfg.train:
         return augment.headtail_indices(rng, count, n)
       return sample_indices(count, n)
-    frames, indices, fps = load_video_indices(path, choose, self.cfg.size)
+    if cached is None:
+      frames, indices, fps = load_video_indices(path, choose, self.cfg.size)
+    else:  # the same choice over the cached pool (see data.media_cache)
+      frames, indices, fps = cached.frames_at(choose)
     if self.cfg.train and self.cfg.augment:
       frames = augment.crop_video(frames, rng, self.cfg.size, self.cfg.overshoot)
     return normalize(frames), time_hint(indices, fps)
