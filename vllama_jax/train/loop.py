@@ -151,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         window.append(m)
         done_since_log += 1
         if step % log_every == 0 or step == total:
-          values = _summarise(window, batch, time.perf_counter() - t_last, flops_per_step, peak, done_since_log)
+          values = _summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
           steps_done = values.pop("_steps")
@@ -189,8 +189,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   return RunResult(int(state.step), losses, eval_loss, export_dir, data.counts)
 
 
-def _summarise(window, batch, seconds, flops_per_step, peak, steps) -> dict:
-  fetched = jax.device_get(window)
+def _summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
+  fetched = jax.device_get(window)  # waits for the window's steps: dispatch runs ahead of them
+  seconds = time.perf_counter() - since
   rows = int(batch["ids"].shape[0])
   tokens = float(jnp.sum(batch["attention_mask"]))
   return {

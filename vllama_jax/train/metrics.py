@@ -58,7 +58,7 @@ class MetricsLog:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in values.items()}
-    self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+    self._file.write(json.dumps({"step": step, "split": split, "time": round(time.time(), 3), **clean}) + "\n")
     self._file.flush()
     if self._tb is not None:
       for k, v in clean.items():
