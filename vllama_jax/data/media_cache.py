@@ -28,6 +28,8 @@ Images are not cached (decoding a JPEG costs little); videos missing from the ca
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +120,8 @@ class MediaCacheBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 "fps": f.Tensor(shape=(), dtype=np.float64, encoding="bytes")}  # a plain float is float32
     if s["audio"]:
       features.update(audio_broken=f.Text(),
-                      filterbanks=f.Tensor(shape=(None,) + AUDIO_SHAPE[1:], dtype=np.dtype(s["audio_dtype"])))
+                      filterbanks=f.Tensor(shape=(None,) + AUDIO_SHAPE[1:], dtype=np.dtype(s["audio_dtype"]),
+                                                  encoding="bytes"))  # a FloatList is built float by float
     return tfds.core.DatasetInfo(builder=self, features=f.FeaturesDict(features), disable_shuffling=True,
                                  metadata=tfds.core.MetadataDict(s, paths=self._paths))
 
@@ -141,7 +144,7 @@ class MediaCacheBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
 
 def build_cache(paths, out_dir: str, *, num_frames: int, size: int, audio: bool, pool: str = "uniform",
-                audio_dtype: str = "float32", num_threads: int = 2) -> str:
+                audio_dtype: str = "float32", num_threads: int = 2, quiet: bool = False) -> str:
   """Writes the cache of `paths` under `out_dir` (a no-op when it already holds the same cache);
   returns the dataset directory that `data.cache_dir` may name (`out_dir` works too)."""
   if audio_dtype not in DTYPES:
@@ -159,7 +162,17 @@ def build_cache(paths, out_dir: str, *, num_frames: int, size: int, audio: bool,
     return directory
   builder = MediaCacheBuilder(paths=paths, settings=settings, num_threads=num_threads, data_dir=out_dir,
                              file_format="array_record")
-  builder.download_and_prepare()
+  if quiet:  # no progress bars, and not TFDS's "Downloading and preparing" lines on stdout
+    from tensorflow_datasets.core.utils import tqdm_utils
+    shown = tqdm_utils._active
+    tfds.display_progress_bar(False)
+    try:
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
+    finally:
+      tfds.display_progress_bar(shown)
+  else:
+    builder.download_and_prepare()
   downloads = os.path.join(out_dir, "downloads")
   if os.path.isdir(downloads) and not os.listdir(downloads):
     os.rmdir(downloads)
