@@ -29,6 +29,8 @@ def run(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
 
   from vllama_jax.train import loop
   start = time.time()
+  plain_log = log
+  log = lambda line: plain_log(f"{line}  ({time.time() - start:.0f} s)" if line.startswith("[") else line)  # noqa: E731
   synthetic = "synthetic" in config
   if synthetic:
     from vllama_jax.train import synthetic_job
@@ -36,14 +38,14 @@ def run(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
     log("[4/5] training both Q-Formers")
   result = loop.train(config, workdir, stop_after=stop_after, log=log)
   summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
-             "eval_loss": result.eval_loss, "export_dir": result.export_dir, "skipped_samples": result.broken,
-             "seconds": round(time.time() - start, 1)}
+             "eval_loss": result.eval_loss, "export_dir": result.export_dir, "skipped_samples": result.broken}
   if synthetic and result.export_dir and jax.process_index() == 0:
     log("[5/5] answering every held-out question")
     limit = config.eval.get("accuracy_limit", 0) or None
     accuracy = synthetic_job.answer_held_out(config, result.export_dir, data_dir, limit=limit, log=log)
     summary["accuracy"] = accuracy
     log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()) + " (chance 25%)")
+  summary["seconds"] = round(time.time() - start, 1)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
