@@ -28,25 +28,27 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.remat = False
   c.video_options = ml_collections.ConfigDict({"use_frame_positions": variant != "no_frame_positions"})
   c.synthetic = ml_collections.ConfigDict(dict(
-      data_dir="", num_train=1000, num_test=200, seed=0, vocab_size=320,
-      text_steps=400, text_batch_size=32, text_lr=3e-3))
+      data_dir="", cache=True, num_train=1000, num_test=200, seed=0, vocab_size=512,
+      text_steps=400, text_batch_size=32, text_lr=3e-3, slot_noise=0.0,
+      vision_steps=500, vision_batch_size=64, vision_lr=1e-3, vision_clips=1000))
   c.model = ml_collections.ConfigDict(dict(
       llm_hidden=128, llm_ffn=344, llm_layers=2, llm_heads=4,
       patch_size=16, vit_width=64, vit_depth=2, image_queries=16, qformer_width=64, audio_width=48))
   c.optimizer = ml_collections.ConfigDict(dict(
-      init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=600, max_epoch=1,
+      init_lr=1.5e-3, min_lr=5e-4, warmup_lr=1e-5, warmup_steps=50, iters_per_epoch=600, max_epoch=1,
       weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
   c.data = ml_collections.ConfigDict(dict(
       datasets=[dict(name="synthetic_qa", format="videochat", ann="", media="", ratio=1.0,
                      eval_ann="", eval_media="")],
       batch_size=16, eval_batch_size=16, num_frames=8, size=64, num_query_tokens=8, max_len=512,
-      max_txt_len=32, end_sym="\n", bucket=64, augment=False, num_workers=0, num_threads=2, prefetch=8))
+      max_txt_len=32, end_sym="\n", bucket=64, augment=False, cache_dir="", num_workers=0, num_threads=2, prefetch=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, asynchronous=True))
-  c.eval = ml_collections.ConfigDict(dict(every=200, batches=4, generate=2, batch_size=32, accuracy_limit=0))
+  c.eval = ml_collections.ConfigDict(dict(every=300, batches=4, generate=2, batch_size=32, accuracy_limit=0))
   c.log_every = 20
   c.progress = True
   if variant == "quick":  # a smoke run for tests: few steps, few samples
-    c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8)
+    c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8, vision_steps=4,
+                       vision_batch_size=8, vision_clips=8)
     c.optimizer.update(iters_per_epoch=8, warmup_steps=2)
     c.data.batch_size = 4
     c.eval.update(every=4, batches=1, generate=0)

@@ -78,6 +78,18 @@ def test_colour_and_direction_from_frames(data):
     assert max(UNIT, key=lambda k: move @ UNIT[k]) == attrs["direction"], path
 
 
+def test_track_is_the_centre_of_the_drawn_shape(data):
+  split, index = "train", 0
+  attrs = S.load_attributes(data, split)[f"{split}_{index:05d}"]
+  frames, track = S.render_track(attrs, S._rng(SEED, split, index, 0))
+  np.testing.assert_array_equal(frames, S.render_frames(attrs, S._rng(SEED, split, index, 0)))
+  for frame, centre in zip(frames, track):
+    assert np.abs(centroid(frame.astype(np.float32)) - centre).max() < 1.0
+  _, decoded = rgb_frames(data / "videos" / split / f"{split}_{index:05d}.mp4")
+  for frame, t in zip(decoded, [k * S.NUM_FRAMES // 8 for k in range(8)]):  # the uniform indices
+    assert np.abs(centroid(frame) - track[t]).max() < 1.5
+
+
 def test_shape_from_frames(data):
   """In the box of the strongly coloured pixels: squares and triangles fill the corners (circles
   and crosses do not), and squares and circles fill more of the box than triangles and crosses.

@@ -142,6 +142,11 @@ def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
 
 def render_frames(attrs: dict, rng: np.random.Generator) -> np.ndarray:
   """uint8 (NUM_FRAMES, SIZE, SIZE, 3) frames of one sample."""
+  return render_track(attrs, rng)[0]
+
+
+def render_track(attrs: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """The frames of one sample and the shape's centre (x, y) in pixels in each, (NUM_FRAMES, 2)."""
   bg = _background(rng)
   colour = np.clip(np.array(COLOURS[attrs["colour"]]) + rng.uniform(-12, 12, 3), 0, 255)
   r = rng.uniform(7, 10)
@@ -165,7 +170,7 @@ def render_frames(attrs: dict, rng: np.random.Generator) -> np.ndarray:
     alpha = m.reshape(y1 - y0, 2, x1 - x0, 2).mean(axis=(1, 3), dtype=np.float32)[..., None]
     box = bg[y0:y1, x0:x1] * (1 - alpha) + colour * alpha
     frames[t, y0:y1, x0:x1] = np.clip(np.rint(box), 0, 255)
-  return frames
+  return frames, np.stack([cx, cy], axis=1)
 
 
 def render_audio(attrs: dict, rng: np.random.Generator) -> np.ndarray:

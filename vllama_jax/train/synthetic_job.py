@@ -1,9 +1,11 @@
 """The embedded default job around the synthetic dataset (`data/synthetic.py`).
 
-  1. generate the dataset (once);
+  1. generate the dataset and its media cache (decoded frames and filterbanks, once);
   2. train a SentencePiece tokenizer on its text and pre-train a tiny LLaMA on its conversations
-     ("stage 0": as in the paper, the LLM is frozen *and pretrained*);
-  3. write the starting directory: tiny random frozen encoders, the pretrained LLM, fresh Q-Formers;
+     ("stage 0", `synthetic_text.py`: as in the paper, the LLM is frozen *and pretrained*);
+  3. pre-train the tiny vision tower on still frames (`synthetic_vision.py`), as EVA / BLIP-2 arrive
+     pretrained, and write the starting directory: frozen encoders (the audio one random), the
+     pretrained LLM, fresh Q-Formers;
   4. (the generic loop trains both Q-Formers on the dataset's VideoChat-style QA);
   5. answer every held-out question greedily and report accuracy per attribute.
 """
@@ -15,19 +17,18 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from vllama_jax.data import synthetic
-from vllama_jax.data.text import llama2_prompt
+from vllama_jax.train import synthetic_text
+from vllama_jax.train.synthetic_vision import pretrain_vision
 
 TEMPLATE = "llama_2"
 # Initialised as the reference initialises what trains (BERT's N(0, 0.02)); the frozen random
 # encoders get fan-in scaled kernels instead, so that their attention is not uniform.
 TRAINABLE = ("video_branch.video_qformer", "video_branch.llama_proj", "audio_branch.audio_qformer",
-             "audio_branch.audio_llama_proj")  # its label masks line up with any legacy-SentencePiece vocabulary (data/text.py)
+             "audio_branch.audio_llama_proj")
 
 
 def model_config(config, vocab_size: int):
@@ -52,62 +53,13 @@ def model_config(config, vocab_size: int):
                                num_query_tokens=config.data.num_query_tokens, **qf)
   video = VideoBranchConfig(vit=vit, image_qformer=image_q, video_qformer=video_q, llm_hidden_size=h,
                             max_frames=32)
-  audio_enc = ImageBindConfig.tiny_audio(input_size=(128, 204), kernel_size=16, stride=10,
+  audio_enc = ImageBindConfig.tiny_audio(input_size=(128, 204), kernel_size=16, stride=16,
                                          width=m.audio_width, heads=4, mlp_dim=4 * m.audio_width,
                                          out_dim=m.qformer_width, dtype="float32")
   audio_q = QFormerConfig.tiny(encoder_width=audio_enc.out_dim, num_layers=2, cross_attention_freq=1,
                                num_query_tokens=8, **qf)
   audio = AudioBranchConfig(audio=audio_enc, vision=None, qformer=audio_q, llm_hidden_size=h, train_on="audio")
   return VideoLlamaConfig(llama=llama, video=video, audio=audio)
-
-
-def conversations(data_dir: str, split: str = "train") -> list[str]:
-  """Stage-0 text: each video's QA as LLaMA-2 chat (without media), plus the captions."""
-  with open(os.path.join(data_dir, "annotations", split, "qa.json")) as f:
-    items = json.load(f)
-  out = []
-  for item in items:
-    turns = [t for pair in item["QA"] for t in ({"from": "human", "value": pair["q"]},
-                                                 {"from": "gpt", "value": pair["a"]})]
-    out.append(llama2_prompt(turns))
-  return out + synthetic.text_corpus(data_dir, splits=(split,))
-
-
-def pretrain_text(llama, tokenizer, texts: list[str], *, steps: int, batch_size: int, lr: float, seed: int,
-                  length: int = 128, log=print):
-  """Stage 0: next-token training of every LLaMA parameter on `texts`; returns the final loss."""
-  rows = [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
-  rows = [r[:length] for r in rows]
-  ids = np.zeros((len(rows), length), np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for i, r in enumerate(rows):
-    ids[i, :len(r)], mask[i, :len(r)] = r, 1
-  graphdef, params = nnx.split(llama)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 10),
-                   weight_decay=0.01)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, ids, mask):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
-      logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-      nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-      w = mask[:, 1:].astype(jnp.float32)
-      return jnp.sum(nll * w) / jnp.sum(w)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  loss = float("nan")
-  for s in range(steps):
-    pick = rng.integers(0, len(rows), batch_size)
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(ids[pick]), jnp.asarray(mask[pick]))
-    if (s + 1) % max(steps // 4, 1) == 0:
-      log(f"  stage 0 step {s + 1}/{steps}: text loss {float(loss):.3f}")
-  nnx.update(llama, params)
-  return float(loss)
 
 
 def prepare(config, workdir: str, log=print) -> str:
@@ -123,24 +75,33 @@ def prepare(config, workdir: str, log=print) -> str:
   if os.path.isfile(os.path.join(init_dir, "config.json")):
     log(f"[2/5] reusing the starting directory {init_dir}")
     return data_dir
-  texts = conversations(data_dir)
   stage0_dir = os.path.join(workdir, "stage0")
   if not os.path.isfile(os.path.join(stage0_dir, "config.json")):
     with tempfile.TemporaryDirectory() as tok_dir:
-      write_tokenizer(tok_dir, vocab_size=s.vocab_size, sentences=texts)
-      tokenizer = Tokenizer(tok_dir)
-      llama = _random_model(config, tokenizer.vocab_size).llama
+      write_tokenizer(tok_dir, vocab_size=s.vocab_size, sentences=synthetic_text.conversations(config, data_dir))
+      llama = _random_model(config, Tokenizer(tok_dir).vocab_size).llama
+      rows = synthetic_text.described_rows(config, Tokenizer(tok_dir), data_dir, seed=config.seed)
       log(f"[2/5] stage 0: pre-training the {llama.config.num_layers}-layer LLM (hidden "
-          f"{llama.config.hidden_size}, vocab {tokenizer.vocab_size}) on {len(texts)} texts of the dataset")
-      pretrain_text(llama, tokenizer, texts, steps=s.text_steps, batch_size=s.text_batch_size, lr=s.text_lr,
-                    seed=config.seed, log=log)
+          f"{llama.config.hidden_size}, vocab {llama.config.vocab_size}) on {len(rows)} training conversations, "
+          "the media slots holding the attribute words among filler")
+      synthetic_text.pretrain_text(llama, rows, steps=s.text_steps, batch_size=s.text_batch_size, lr=s.text_lr,
+                                   seed=config.seed, slot_noise=s.slot_noise, log=log)
+      held_out = synthetic_text.described_rows(config, Tokenizer(tok_dir), data_dir, "test", variants=1,
+                                               seed=config.seed)
+      read = synthetic_text.reading_accuracy(llama, Tokenizer(tok_dir), held_out)
+      log("  held-out answer words read from the slots: " + ", ".join(f"{k} {v:.1%}" for k, v in read.items()))
       _save_llama(llama, stage0_dir, tok_dir)
   else:
     log(f"[2/5] reusing the stage-0 LLM in {stage0_dir}")
   model = _random_model(config, Tokenizer(stage0_dir).vocab_size)
+  log(f"[3/5] pre-training the vision tower on {s.vision_clips} x 4 still frames")
+  scores = pretrain_vision(model.video_branch, steps=s.vision_steps, batch_size=s.vision_batch_size,
+                           lr=s.vision_lr, seed=config.seed, clips=s.vision_clips, log=log)
+  log(f"  held-out stills: colour {scores['colour']:.1%}, shape {scores['shape']:.1%}, centre within "
+      f"{scores['centre_px']:.1f} px")
   model.llama = load_llama(stage0_dir, scan_layers=True)
   save_video_llama(model, init_dir, stage0_dir, template=TEMPLATE)
-  log(f"[3/5] starting directory (random frozen encoders, pretrained frozen LLM): {init_dir}")
+  log(f"  starting directory (frozen encoders and LLM, fresh Q-Formers): {init_dir}")
   return data_dir
 
 
@@ -165,9 +126,10 @@ def _save_llama(llama, directory: str, tokenizer_dir: str) -> None:
 
 
 def setup(config, workdir: str, log=print) -> str:
-  """`prepare` (on process 0) and point the config's init_dir and dataset paths at the results;
-  returns the dataset directory."""
-  data_dir = prepare(config, workdir, log=log) if jax.process_index() == 0 else None
+  """`prepare` (on process 0), point the config's init_dir and dataset paths at the results and, with
+  `synthetic.cache`, build the media cache there and train from it; returns the dataset directory."""
+  main = jax.process_index() == 0
+  data_dir = prepare(config, workdir, log=log) if main else None
   data_dir = data_dir or config.synthetic.data_dir or os.path.join(workdir, "data")
   with config.unlocked():
     config.init_dir = config.init_dir or os.path.join(workdir, "init")
@@ -177,6 +139,16 @@ def setup(config, workdir: str, log=print) -> str:
                     media=os.path.join(data_dir, "videos"),
                     eval_ann=os.path.join(data_dir, "annotations", "test", "qa.json"),
                     eval_media=os.path.join(data_dir, "videos"))
+    if config.synthetic.get("cache", False) and not config.data.cache_dir:
+      config.data.cache_dir = os.path.join(data_dir, "cache")
+  if main and config.synthetic.get("cache", False):
+    from vllama_jax.data.build import data_config
+    from vllama_jax.data.cache import video_paths
+    from vllama_jax.data.media_cache import build_cache
+    cfg = data_config(config, train=True)
+    build_cache(video_paths(config), config.data.cache_dir, num_frames=cfg.num_frames, size=cfg.size,
+                audio=cfg.audio, quiet=True)
+    log(f"  media cache (decoded frames and filterbanks): {config.data.cache_dir}")
   return data_dir
 
 
