@@ -2,7 +2,9 @@
 collectives over gloo), one CPU device and one data shard each, train the quick synthetic config in
 one shared workdir; a single process with two CPU devices (the same mesh), fed the same global
 batches (shard 0's rows then shard 1's), gives the same losses, the same final checkpoint and the
-same exported parameters. Only process 0 writes the metrics.
+same exported parameters. Only process 0 writes the metrics. Two processes stopped part-way (a
+checkpoint saved, as on pre-emption) and restarted by two fresh processes in the same workdir resume
+every process's data position and continue with the losses of the uninterrupted run.
 
 The children run tests/multihost_worker.py; the parent prepares the dataset and start directory
 once and reads what the children wrote.
@@ -28,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "multihost_worker.py")
 STEPS = 3
+STOP_AFTER = 1  # the resume test's first run
 TIMEOUT_S = 420
 
 
@@ -45,8 +48,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int | None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _env(base, devices: int | None) -> dict:
+  # The persistent compilation cache lets a restarted process 0 skip compiling the step (only
+  # process 0 writes it, and the other processes' keys differ: they compile again).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"))
   env.pop("XLA_FLAGS", None)  # conftest's eight devices are for this process only
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -86,6 +91,26 @@ def _run_children(commands: dict[str, tuple[list[str], dict]], logs: str) -> Non
     pytest.fail(f"children failed ({'; '.join(failed)}):\n{report}")
 
 
+def _common(base) -> list[str]:
+  return ["--base", str(base), "--steps", str(STEPS), "--dump-after", str(TIMEOUT_S - 20)]
+
+
+def _two_processes(base, workdir: str, name: str, *extra: str) -> dict:
+  """The commands of a two-process job in `workdir`, named `{name}0` and `{name}1`."""
+  port = str(_free_port())
+  return {f"{name}{i}": (_common(base) + ["--workdir", workdir, "--out", str(base / f"{name}{i}.json"),
+                                          "--process-id", str(i), "--port", port, *extra], _env(base, None))
+          for i in range(2)}
+
+
+def _outputs(base, commands) -> dict:
+  out = {}
+  for name in commands:
+    with open(base / f"{name}.json") as f:
+      out[name] = json.load(f)
+  return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   if not _gloo_available():
@@ -93,20 +118,25 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multihost")
   config = make_config(str(base), STEPS, 4)
   synthetic_job.setup(config, str(base / "setup"), log=lambda *_: None)  # data/ and init/ in base
-  common = ["--base", str(base), "--steps", str(STEPS), "--dump-after", str(TIMEOUT_S - 20)]
-  port = _free_port()
-  multi = str(base / "multi")
-  commands = {f"process{i}": (common + ["--workdir", multi, "--out", str(base / f"process{i}.json"),
-                                        "--process-id", str(i), "--port", str(port)], _env(None))
-              for i in range(2)}
-  commands["baseline"] = (common + ["--workdir", str(base / "single"), "--out", str(base / "baseline.json"),
-                                    "--baseline"], _env(2))
+  commands = _two_processes(base, str(base / "multi"), "process")
+  commands["baseline"] = (_common(base) + ["--workdir", str(base / "single"), "--out", str(base / "baseline.json"),
+                                           "--baseline"], _env(base, 2))
   _run_children(commands, str(base))
-  out = {}
-  for name in commands:
-    with open(base / f"{name}.json") as f:
-      out[name] = json.load(f)
-  return base, out
+  return base, _outputs(base, commands)
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+  """Two processes stopped after STOP_AFTER steps, then two fresh ones with the same command."""
+  base, _ = runs
+  workdir = str(base / "resumed")
+  commands = _two_processes(base, workdir, "stopped", "--stop-after", str(STOP_AFTER))
+  _run_children(commands, str(base))
+  stopped = _outputs(base, commands)
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  commands = _two_processes(base, workdir, "restarted")
+  _run_children(commands, str(base))
+  return base, stopped, checkpoints, _outputs(base, commands)
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(runs):
@@ -179,3 +209,21 @@ def test_the_export_is_the_single_process_one(runs):
   for name in written:
     _assert_trees_close(_read_tree(str(multi / name)), _read_tree(str(single / name)))
   assert not [n for n in os.listdir(base / "multi") if n.startswith(".converting-")]  # no stray staging
+
+
+def test_two_processes_resume_where_they_stopped(runs, resumed):
+  _, out = runs
+  base, stopped, checkpoints, restarted = resumed
+  assert checkpoints == [str(STOP_AFTER)]
+  for i in range(2):
+    assert stopped[f"stopped{i}"]["step"] == STOP_AFTER and stopped[f"stopped{i}"]["export_dir"] is None
+    assert restarted[f"restarted{i}"]["step"] == STEPS
+    losses = stopped[f"stopped{i}"]["losses"] + restarted[f"restarted{i}"]["losses"]
+    np.testing.assert_allclose(losses, out["process0"]["losses"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(losses, out["baseline"]["losses"], rtol=1e-5, atol=0)
+  lines = [json.loads(line) for line in open(base / "resumed" / "metrics.jsonl")]
+  assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 1))
+  # The end state, data positions included, is the uninterrupted run's.
+  resumed_step, multi_step = (os.path.join(base, d, "checkpoints", str(STEPS)) for d in ("resumed", "multi"))
+  _assert_trees_close(_read_tree(os.path.join(resumed_step, "state")), _read_tree(os.path.join(multi_step, "state")))
+  assert _data_states(resumed_step) == _data_states(multi_step)
