@@ -116,6 +116,11 @@ def test_without_distinct_positions_frame_order_is_invisible(tiny):
   reversed_pixels = pixels[:, ::-1]
   np.testing.assert_allclose(np.asarray(ours.frame_features(reversed_pixels)[0, 0]),
                              np.asarray(ours.frame_features(pixels)[0, 2]), atol=1e-6)
+  loud = nnx.clone(ours)  # strong rows, so that order visibly matters with them
+  loud.frame_position_embedding[...] = 300 * loud.frame_position_embedding[...]
+  assert np.abs(np.asarray(loud(pixels)) - np.asarray(loud(reversed_pixels))).max() > 1e-4
+  loud.config = cfg.replace(use_frame_positions=False)  # the ablation's switch
+  np.testing.assert_allclose(np.asarray(loud(pixels)), np.asarray(loud(reversed_pixels)), atol=2e-6)
   graphdef, state = nnx.split(ours)
   flat = nnx.merge(graphdef, state)  # a copy whose table has one row repeated
   flat.frame_position_embedding[...] = jnp.broadcast_to(state["frame_position_embedding"][...][:1],
