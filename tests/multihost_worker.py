@@ -4,7 +4,7 @@ single-process baseline (`--baseline`) that feeds the same global batches: the r
 then those of shard 1, the order in which the two processes' rows make up the global batch.
 
   python tests/multihost_worker.py --base B --workdir W --out OUT.json --steps N \
-      (--baseline | --process-id I --port P) [--stop-after K]
+      (--baseline | --process-id I --port P) [--sigterm-after K]
 
 The environment chooses the devices (JAX_PLATFORMS=cpu; the baseline sets
 XLA_FLAGS=--xla_force_host_platform_device_count=2, the two processes one CPU device each).
@@ -108,6 +108,21 @@ def patch_baseline_loader(shards: int) -> None:
   build.make_loader = make_loader
 
 
+def preempt_after(step: int) -> None:
+  """SIGTERM to this process right after it logs `step` (every process calls the metrics writer; only
+  process 0's writes)."""
+  import signal
+  from vllama_jax.train import metrics
+  write = metrics.MetricsLog.write
+
+  def write_then_preempt(self, logged, split, values):
+    write(self, logged, split, values)
+    if split == "train" and logged == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  metrics.MetricsLog.write = write_then_preempt
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--base", required=True)
@@ -118,8 +133,8 @@ def main(argv=None) -> int:
   p.add_argument("--process-id", type=int, default=0)
   p.add_argument("--num-processes", type=int, default=2)
   p.add_argument("--port", type=int, default=0)
-  p.add_argument("--stop-after", type=int, default=None, help="stop (checkpoint saved, as on pre-emption) "
-                 "after this many steps of this run")
+  p.add_argument("--sigterm-after", type=int, default=None, help="send this process SIGTERM (what a "
+                 "pre-empted VM receives) once it has logged this step")
   p.add_argument("--dump-after", type=float, default=0, help="print every thread's stack and exit "
                  "after this many seconds (a hang shows where it waits); 0: never")
   args = p.parse_args(argv)
@@ -144,8 +159,9 @@ def main(argv=None) -> int:
       config.distributed = dict(enabled=True, coordinator_address=f"127.0.0.1:{args.port}",
                                 num_processes=n, process_id=args.process_id)
 
-  result = loop.train(config, args.workdir, stop_after=args.stop_after,
-                      log=lambda *a: print(*a, file=sys.stderr, flush=True))
+  if args.sigterm_after is not None:
+    preempt_after(args.sigterm_after)
+  result = loop.train(config, args.workdir, log=lambda *a: print(*a, file=sys.stderr, flush=True))
   out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
          "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
          "step": result.step, "losses": result.losses, "export_dir": result.export_dir}

@@ -2,9 +2,10 @@
 collectives over gloo), one CPU device and one data shard each, train the quick synthetic config in
 one shared workdir; a single process with two CPU devices (the same mesh), fed the same global
 batches (shard 0's rows then shard 1's), gives the same losses, the same final checkpoint and the
-same exported parameters. Only process 0 writes the metrics. Two processes stopped part-way (a
-checkpoint saved, as on pre-emption) and restarted by two fresh processes in the same workdir resume
-every process's data position and continue with the losses of the uninterrupted run.
+same exported parameters. Only process 0 writes the metrics. Pre-emption that reaches one process
+only (SIGTERM to process 1 after its first step) stops both after the same step with a checkpoint;
+two fresh processes restarted in the same workdir resume every process's data position and continue
+with the losses of the uninterrupted run.
 
 The children run tests/multihost_worker.py; the parent prepares the dataset and start directory
 once and reads what the children wrote.
@@ -30,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "multihost_worker.py")
 STEPS = 3
-STOP_AFTER = 1  # the resume test's first run
+SIGTERM_AFTER = 1  # process 1 of the resume test's first run is pre-empted after this step; the
+STOPPED_AT = 2  # processes learn of it at the next step's allgather, and both stop after that step
 TIMEOUT_S = 420
 
 
@@ -127,10 +129,11 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(runs):
-  """Two processes stopped after STOP_AFTER steps, then two fresh ones with the same command."""
+  """Two processes, process 1 pre-empted part-way; then two fresh ones with the same command."""
   base, _ = runs
   workdir = str(base / "resumed")
-  commands = _two_processes(base, workdir, "stopped", "--stop-after", str(STOP_AFTER))
+  commands = _two_processes(base, workdir, "stopped")
+  commands["stopped1"][0].extend(["--sigterm-after", str(SIGTERM_AFTER)])
   _run_children(commands, str(base))
   stopped = _outputs(base, commands)
   checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
@@ -211,12 +214,12 @@ def test_the_export_is_the_single_process_one(runs):
   assert not [n for n in os.listdir(base / "multi") if n.startswith(".converting-")]  # no stray staging
 
 
-def test_two_processes_resume_where_they_stopped(runs, resumed):
+def test_preempting_one_process_stops_both_and_they_resume_where_they_stopped(runs, resumed):
   _, out = runs
   base, stopped, checkpoints, restarted = resumed
-  assert checkpoints == [str(STOP_AFTER)]
+  assert checkpoints == [str(STOPPED_AT)]
   for i in range(2):
-    assert stopped[f"stopped{i}"]["step"] == STOP_AFTER and stopped[f"stopped{i}"]["export_dir"] is None
+    assert stopped[f"stopped{i}"]["step"] == STOPPED_AT and stopped[f"stopped{i}"]["export_dir"] is None
     assert restarted[f"restarted{i}"]["step"] == STEPS
     losses = stopped[f"stopped{i}"]["losses"] + restarted[f"restarted{i}"]["losses"]
     np.testing.assert_allclose(losses, out["process0"]["losses"], rtol=1e-6, atol=0)

@@ -73,28 +73,33 @@ def total_steps(config) -> int:
   return int(config.get("steps") or o.max_epoch * o.iters_per_epoch)
 
 
-def global_batch(batch: dict, mesh) -> dict:
-  """This process's rows -> global arrays split over ('data', 'fsdp')."""
+def global_batch(batch: dict, mesh, stop_requested: bool = False) -> tuple[dict, bool]:
+  """This process's rows -> global arrays split over ('data', 'fsdp'), and whether any process was asked
+  to stop (SIGTERM reaches the processes of a pod at different moments; all must stop after the same
+  step, or the next step's collectives wait on a process that has left)."""
   from vllama_jax.train.step import batch_shardings
   if jax.process_count() == 1:
-    return jax.device_put(batch, batch_shardings(batch, mesh))
-  batch = _pad_text_to_longest_process(batch)
+    return jax.device_put(batch, batch_shardings(batch, mesh)), stop_requested
+  batch, stop_requested = _agree_across_processes(batch, stop_requested)
   shardings = batch_shardings(batch, mesh)
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+  arrays = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+  return arrays, stop_requested
 
 
 TEXT_FILL = {"ids": 0, "source": -1, "labels": -100, "attention_mask": 0}  # as data.pipeline.collate pads
 
 
-def _pad_text_to_longest_process(batch: dict) -> dict:
-  """Each process pads its text to its own batch's bucket; the global arrays need one length, the
-  longest of all processes (padding on the right changes no loss)."""
+def _agree_across_processes(batch: dict, stop_requested: bool) -> tuple[dict, bool]:
+  """One small allgather per step. Each process pads its text to its own batch's bucket; the global
+  arrays need one length, the longest of all processes (padding on the right changes no loss). And
+  the stop flag of every process, so that all see the same one."""
   from jax.experimental import multihost_utils
   keys = [k for k in TEXT_FILL if k in batch]
   local = max(batch[k].shape[1] for k in keys)
-  longest = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+  gathered = np.asarray(multihost_utils.process_allgather(np.array([local, stop_requested], np.int32)))
+  longest, stop = int(gathered[:, 0].max()), bool(gathered[:, 1].any())
   return batch | {k: np.pad(batch[k], ((0, 0), (0, longest - batch[k].shape[1])), constant_values=TEXT_FILL[k])
-                  for k in keys if batch[k].shape[1] < longest}
+                  for k in keys if batch[k].shape[1] < longest}, stop
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
@@ -104,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   from vllama_jax.data.build import make_loader
   from vllama_jax.pretrained import load_video_llama
   initialize_distributed(config)
-  main = jax.process_index() == 0
+  main, multi = jax.process_index() == 0, jax.process_count() > 1
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
@@ -143,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     with _Stop() as stop:
       step = start
       while step < total:
-        batch = global_batch(next(data), mesh)
+        batch, stopping = global_batch(next(data), mesh, stop.requested)
         if flops_per_step is None:
           flops_per_step = train_step.flops(state, batch) if hasattr(train_step, "flops") else float("nan")
         state, m = train_step(state, batch)
@@ -168,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
         ckpt.save(step, state, data.get_state())
-        if stop.requested or (stop_after is not None and step - start >= stop_after):
+        if (stopping if multi else stop.requested) or (stop_after is not None and step - start >= stop_after):
           losses.extend(float(x["loss"]) for x in window)
           window = []
           ckpt.save(step, state, data.get_state(), force=True)
@@ -215,7 +220,7 @@ def evaluate(config, eval_step, params, mesh) -> float:
     for i, batch in enumerate(data):
       if i >= config.eval.batches:
         break
-      out = eval_step(params, global_batch(batch, mesh))
+      out = eval_step(params, global_batch(batch, mesh)[0])
       total += float(out["nll_sum"])
       tokens += float(out["tokens"])
   finally:
