@@ -1,0 +1,253 @@
+"""CPU benchmark, training (issue 6): one VL-stage train step, ours vs a PyTorch reference step with the
+same weights, timed in turns in one run.
+
+Weights: bench/e2e.py's `build` makes a reduced Video-LLaMA with the torch references (transformers'
+Blip2VisionModel / Blip2QFormerModel with tests' TorchVideoBranch glue, LlamaForCausalLM), writes the
+released files and converts them with convert_weights.main; ours is `load_video_llama` on that, with
+scanned LLaMA layers as train.py loads it (`--layer-list`: the per-layer LLaMA instead).
+
+One step, fp32 on both sides, one fixed synthetic batch (random frames (B, 8, 224, 224, 3); per row BOS,
+the 32 video rows, then random text of varying length, right-padded; labels -100 on BOS, video rows
+and padding, as the reference's stage-1 batches):
+  ours   make_train_step(..., "video", dropout=False) on split_trainable(model, "vl"), AdamW from
+         make_optimizer (constant lr 1e-4), the state donated.
+  torch  TorchVideoBranch (EVA + ln_vision + image Q-Former frozen, eval(), requires_grad False; frame
+         positions, video query tokens, video Q-Former, llama_proj trainable) -> [BOS, video, text]
+         inputs_embeds -> frozen LlamaForCausalLM loss -> backward -> torch.optim.AdamW on the
+         trainables only (0.9, 0.999, eps 1e-8, weight decay 0.05 except rank < 2, "bias", "ln", "bn").
+The Q-Former dropout is off on both sides (the reference trains with it on; its cost is negligible
+here), so the two sides compute the same losses step after step: they are compared at every step.
+The frozen encoders' forward (EVA, ln_vision, image Q-Former) is also timed alone on both sides, to
+split the step into that and the rest. Ratio = PyTorch time / ours (> 1: ours faster).
+
+MFU: our step's matmul FLOPs as `train_step.flops` counts them on its jaxpr (every scanned LLaMA
+layer and EVA block included; the count train.py's MFU uses) over this machine's measured fp32 matmul
+rate (`metrics.peak_flops_per_device`).
+
+  python bench/train.py            # reduced config (printed); a few minutes on 2 idle CPU cores
+  python bench/train.py --quick    # tiny smoke configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e  # noqa: E402  (puts the repository and tests/ on the path, installs the torchvision shim)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from timing import median_times  # noqa: E402
+from vllama_jax.pretrained import load_video_llama  # noqa: E402
+from vllama_jax.train import metrics  # noqa: E402
+from vllama_jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer  # noqa: E402
+from vllama_jax.train.step import init_train_state, make_train_step  # noqa: E402
+from vllama_jax.train.trainable import count_params, split_trainable  # noqa: E402
+
+LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.05, (0.9, 0.999), 1e-8
+TOLERANCE = 1e-4  # relative, on the loss
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--vit-width", type=int, default=1408)
+  p.add_argument("--vit-depth", type=int, default=1, help="EVA blocks (the release uses 39)")
+  p.add_argument("--image-qformer-layers", type=int, default=2, help="the release uses 12")
+  p.add_argument("--hidden", type=int, default=1024)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--frames", type=int, default=8)
+  p.add_argument("--text-length", type=int, default=128, help="sequence length, video rows included")
+  p.add_argument("--repeats", type=int, default=None, help="timed turns (default 3, --quick 10)")
+  p.add_argument("--layer-list", action="store_true", help="time our step with the LLaMA layers as a list")
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args(argv)
+  args.audio_depth = 1  # e2e.build writes an AL checkpoint too; a tiny one, never loaded here
+  if args.quick:
+    args.hidden, args.layers, args.vocab, args.batch, args.text_length = 64, 2, 1000, 2, 48
+  if args.repeats is None:
+    args.repeats = 10 if args.quick else 3
+  return args
+
+
+def make_batch(args, image_size, queries, seed=0) -> dict:
+  """numpy arrays: ids, source, labels, attention_mask (B, L) and frames (B, T, S, S, 3)."""
+  rng = np.random.default_rng(seed)
+  b, length = args.batch, args.text_length
+  text = length - 1 - queries
+  ids = np.zeros((b, length), np.int32)
+  ids[:, 0] = 1  # BOS
+  ids[:, 1 + queries:] = rng.integers(3, args.vocab, (b, text))
+  source = np.full((b, length), -1, np.int32)
+  source[:, 1:1 + queries] = np.arange(queries)
+  real = 1 + queries + np.linspace(text // 2, text, b).astype(int)  # per-row lengths, the longest full
+  mask = (np.arange(length)[None] < real[:, None]).astype(np.int32)
+  ids = np.where(mask, ids, 0)  # pad id 0
+  labels = np.where((np.arange(length)[None] > queries) & (mask > 0), ids, -100).astype(np.int32)
+  frames = rng.standard_normal((b, args.frames, image_size, image_size, 3), dtype=np.float32)
+  return dict(ids=ids, source=source, labels=labels, attention_mask=mask, frames=frames)
+
+
+# ---- the PyTorch step ----------------------------------------------------------------------------
+
+class TorchStep:
+  """Video-LLaMA's VL-stage forward (BOS + video rows + text, HF's shifted-label loss), backward and
+  AdamW on the trainables, frozen modules in eval() with requires_grad False."""
+
+  def __init__(self, parts, batch, queries):
+    self.branch, self.llama = parts["video"], parts["llama"]
+    self.queries = queries
+    self.branch.eval()  # dropout off everywhere (see the module docstring)
+    self.llama.eval()
+    for p in self.branch.parameters():
+      p.requires_grad_(False)
+    for p in self.llama.parameters():
+      p.requires_grad_(False)
+    tokens = self.branch.video_keys[1].requires_grad_(True)  # a plain tensor used by forward
+    named = [("video_query_tokens", tokens)]
+    for prefix in ("video_qformer", "frame_positions", "llama_proj"):
+      for name, p in getattr(self.branch, prefix).named_parameters():
+        p.requires_grad_(True)
+        named.append((f"{prefix}.{name}", p))
+    self.trainable = named
+    # The reference's rule (LAVIS get_optimizer_params) on the torch names.
+    nodecay = lambda n, p: p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n  # noqa: E731
+    self.decayed = sum(not nodecay(n, p) for n, p in named)
+    self.optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if not nodecay(n, p)], "weight_decay": WEIGHT_DECAY},
+         {"params": [p for n, p in named if nodecay(n, p)], "weight_decay": 0.0}],
+        lr=LR, betas=BETAS, eps=EPS)
+    self.frames = torch.from_numpy(np.ascontiguousarray(batch["frames"].transpose(0, 1, 4, 2, 3)))
+    self.ids = torch.from_numpy(batch["ids"]).long()
+    self.labels = torch.from_numpy(batch["labels"]).long()
+    self.mask = torch.from_numpy(batch["attention_mask"]).long()
+
+  def __call__(self) -> float:
+    self.optimizer.zero_grad(set_to_none=True)
+    video = self.branch(self.frames)  # (B, 32, H)
+    embed = self.llama.model.embed_tokens
+    q = self.queries
+    embeds = torch.cat([embed(self.ids[:, :1]), video, embed(self.ids[:, 1 + q:])], dim=1)
+    loss = self.llama(inputs_embeds=embeds, attention_mask=self.mask, labels=self.labels).loss
+    loss.backward()
+    self.optimizer.step()
+    return loss.item()
+
+  def frozen_encoders(self):
+    """The frozen part of the forward alone, as the step runs it (no graph is recorded there)."""
+    b, t = self.frames.shape[:2]
+    with torch.no_grad():
+      embeds = self.branch.vision(pixel_values=self.frames.flatten(0, 1)).last_hidden_state
+      tokens = self.branch.image_keys[1].expand(b * t, -1, -1)
+      return self.branch.image_qformer(query_embeds=tokens, encoder_hidden_states=embeds).last_hidden_state
+
+  def scalars_with_grad(self) -> int:
+    return sum(p.numel() for _, p in self.trainable if p.grad is not None)
+
+
+# ---- ours ----------------------------------------------------------------------------------------
+
+class OurStep:
+  """make_train_step on the VL split; the state is carried from call to call (it is donated)."""
+
+  def __init__(self, model, optimizer, batch):
+    self.model = model
+    self.graphdef, params, self.frozen = split_trainable(model, "vl")
+    self.trainable_scalars = count_params(params)
+    self.decayed = sum(jax.tree.leaves(decay_mask(params)))
+    self.step = make_train_step(self.graphdef, self.frozen, optimizer, "video", dropout=False)
+    self.state = init_train_state(params, optimizer)
+    self.batch = jax.device_put(batch)
+
+  def __call__(self) -> float:
+    self.state, m = self.step(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return float(m["loss"])
+
+  def frozen_encoders(self):
+    """A jitted forward of the frozen encoders alone (EVA, ln_vision, image Q-Former)."""
+    graphdef, state = nnx.split(self.model.video_branch)
+    features = jax.jit(lambda s, x: nnx.merge(graphdef, s).frame_features(x))  # no nnx.jit per-call overhead
+    return lambda: features(state, self.batch["frames"]).block_until_ready()
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  video_cfg, audio_cfg = e2e.configs(args)
+  if not args.quick:  # the audio branch is written (e2e.build writes AL.pth) but not loaded
+    _, audio_cfg = e2e.configs(argparse.Namespace(quick=True, hidden=args.hidden))
+  v, q = video_cfg.vit, video_cfg.video_qformer
+  queries = q.num_query_tokens
+  if args.text_length <= 1 + queries:
+    raise SystemExit(f"--text-length {args.text_length} leaves no room for text after BOS and {queries} video rows")
+  print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} threads {torch.get_num_threads()}; "
+        f"transformers {transformers.__version__}; {os.cpu_count()} CPUs")
+  print(f"config{' (--quick)' if args.quick else ''}: fp32; EVA width {v.width} heads {v.heads} MLP {v.mlp_dim} "
+        f"depth {v.depth} at {v.image_size} px; image Q-Former {video_cfg.image_qformer.num_layers} layers; video "
+        f"Q-Former {q.num_layers} layers width {q.hidden_size}, {queries} queries; LLaMA hidden {args.hidden} x "
+        f"{args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.frames} frames, text length "
+        f"{args.text_length} (video rows included); AdamW lr {LR:g} wd {WEIGHT_DECAY}; VL trainables; "
+        f"Q-Former dropout off; our LLaMA layers {'as a list' if args.layer_list else 'scanned'}")
+  batch = make_batch(args, v.image_size, queries)
+  optimizer = make_optimizer(OptimizerConfig(init_lr=LR, min_lr=LR, warmup_lr=None, warmup_steps=0,
+                                             weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], eps=EPS))
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    parts, converted = e2e.build(args, video_cfg, audio_cfg, workdir)
+    ours = OurStep(load_video_llama(converted, audio=False, scan_layers=not args.layer_list), optimizer, batch)
+    print(f"built, written and converted in {time.perf_counter() - start:.1f}s")
+  ref = TorchStep(parts, batch, queries)
+  flops = ours.step.flops(ours.state, ours.batch)
+  targets = int((batch["labels"][:, 1:] != -100).sum())
+
+  start = time.perf_counter()
+  losses = {"ours": [ours()], "torch": [ref()]}
+  compile_s = time.perf_counter() - start
+  print(f"trainable: ours {ours.trainable_scalars:,} scalars, {ours.decayed} tensors decayed; torch "
+        f"{ref.scalars_with_grad():,} scalars receiving gradients, {ref.decayed} tensors decayed")
+  print(f"first step of each (our compile included): {compile_s:.1f}s")
+  losses["ours"].append(ours())
+  losses["torch"].append(ref())
+  ours_frozen = ours.frozen_encoders()
+  ours_frozen()
+
+  record = lambda side, fn: lambda: losses[side].append(fn())  # noqa: E731
+  times = median_times({"ours": record("ours", ours), "torch": record("torch", ref),
+                        "ours frozen": ours_frozen, "torch frozen": ref.frozen_encoders}, args.repeats)
+  o, t = np.array(losses["ours"]), np.array(losses["torch"])
+  rel = np.abs(o - t) / np.abs(t)
+  print(f"check: loss step 1 ours {o[0]:.6f} torch {t[0]:.6f}, step 2 {o[1]:.6f} / {t[1]:.6f}; max relative "
+        f"difference over all {len(o)} steps {rel.max():.1e} ({'ok' if rel.max() <= TOLERANCE else 'FAILS'} "
+        f"at {TOLERANCE:g}); {targets} target tokens per step")
+
+  peak = metrics.peak_flops_per_device()
+  b = args.batch
+  print(f"\nmedian of {args.repeats} turns; ratio = PyTorch time / ours (> 1: ours faster)")
+  rows = [("train step", times["ours"], times["torch"],
+           f"samples/s: ours {b / times['ours']:.3f}, torch {b / times['torch']:.3f}; GFLOP/s at our step's "
+           f"count: {flops / times['ours'] / 1e9:.1f} / {flops / times['torch'] / 1e9:.1f}"),
+          ("  frozen encoders (forward)", times["ours frozen"], times["torch frozen"],
+           "EVA + ln_vision + image Q-Former, timed alone"),
+          ("  the rest", times["ours"] - times["ours frozen"], times["torch"] - times["torch frozen"],
+           "step - frozen: video Q-Former and LLaMA forward + backward, AdamW")]
+  for name, ot, tt, note in rows:
+    print(f"{name:27s} ours {ot * 1e3:8.0f} ms  torch {tt * 1e3:8.0f} ms  ratio {tt / ot:5.2f}  {note}")
+  print(f"MFU (ours): {flops / times['ours'] / peak:.1%} of the measured fp32 matmul rate {peak / 1e9:.1f} GFLOP/s; "
+        f"{flops / 1e9:.4g} GFLOP per step (the forward and backward matmuls, every scanned layer and block "
+        f"counted, as train.py's MFU counts them)")
+  ratio = times["torch"] / times["ours"]
+  print(f"target: ours >= 1.5x the PyTorch step: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'not met'})")
+  return 0 if rel.max() <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
