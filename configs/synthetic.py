@@ -1,21 +1,27 @@
 """The embedded default: a tiny Video-LLaMA learns colour, shape, direction and sound of synthetic videos.
 
   python train.py --config configs/synthetic.py --workdir /tmp/synthetic
-  python train.py --config configs/synthetic.py:no_frame_positions --workdir /tmp/ablation
+  python train.py --config configs/synthetic.py:no_frame_positions --workdir /tmp/ablation \
+      --config.synthetic.data_dir=/tmp/synthetic/data --config.init_dir=/tmp/synthetic/init
 
-Tiny random frozen encoders (EVA-style ViT on 64-px frames, ImageBind-style audio encoder), a tiny
-LLaMA pre-trained on the dataset's text and then frozen (stage 0), and both Q-Formers trained jointly
-on real audio (not in the paper, which trains the branches one after the other). The variant
+Tiny frozen encoders (an EVA-style ViT and image Q-Former on 64-px frames, pretrained on still frames;
+a random ImageBind-style audio encoder), a tiny LLaMA pretrained on the dataset's conversations and then
+frozen (stage 0, see vllama_jax/train/synthetic_text.py), and both Q-Formers trained jointly on real
+audio (not in the paper, which trains the branches one after the other). The variant
 `no_frame_positions` switches the frame position embedding off: frame order becomes invisible, so
-direction falls to chance while colour and sound do not.
+direction falls to chance while colour and sound do not. `test` / `test_no_frame_positions` are the
+same runs without the evaluations along the way, scored on 100 held-out videos
+(tests/test_synthetic_learns.py); `quick` is a smoke run of a few steps.
 """
 
 import ml_collections
 
+VARIANTS = ("", "no_frame_positions", "quick", "test", "test_no_frame_positions")
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  if variant not in ("", "no_frame_positions", "quick"):
-    raise ValueError(f"unknown variant {variant!r}; expected '', 'no_frame_positions' or 'quick'")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = (-1, 1, 1)
@@ -26,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.steps = 0  # 0: max_epoch * iters_per_epoch
   c.accum_steps = 1
   c.remat = False
-  c.video_options = ml_collections.ConfigDict({"use_frame_positions": variant != "no_frame_positions"})
+  c.video_options = ml_collections.ConfigDict({"use_frame_positions": not variant.endswith("no_frame_positions")})
   c.synthetic = ml_collections.ConfigDict(dict(
       data_dir="", cache=True, num_train=1000, num_test=200, seed=0, vocab_size=512,
       text_steps=400, text_batch_size=32, text_lr=3e-3, slot_noise=0.0,
@@ -46,6 +52,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every=300, batches=4, generate=2, batch_size=32, accuracy_limit=0))
   c.log_every = 20
   c.progress = True
+  if variant.startswith("test"):  # tests/test_synthetic_learns.py: the same run, scored on 100 held-out videos
+    c.eval.update(every=0, accuracy_limit=100)
+    c.progress = False
   if variant == "quick":  # a smoke run for tests: few steps, few samples
     c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8, vision_steps=4,
                        vision_batch_size=8, vision_clips=8)

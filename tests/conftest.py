@@ -43,3 +43,9 @@ def hf_llama(tmp_path_factory, name, seed=0, save=True, safe_serialization=True,
     model.save_pretrained(directory, **kwargs)
     write_tokenizer(directory, vocab_size=384)
   return model, directory
+
+
+def pytest_collection_modifyitems(config, items):
+  """The synthetic training run takes several minutes: start it first, so that the rest of the suite runs
+  beside it on the other worker instead of after it."""
+  items.sort(key=lambda item: "test_synthetic_learns" not in item.nodeid)
