@@ -17,13 +17,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from vllama_jax.data import synthetic, text
 from vllama_jax.data.samples import AUDIO_ROWS
 from vllama_jax.errors import ConfigError
 from vllama_jax.media.video import sample_indices, time_hint
+from vllama_jax.train.fit import fit
 
 
 def slot_words(attrs: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -121,36 +121,23 @@ def pretrain_text(llama, rows, *, steps: int, batch_size: int, lr: float, seed: 
   so that the LLM learns to read approximate embeddings there, as the Q-Formers will first write."""
   ids, mask, _, slot = _pad(rows)
   graphdef, params = nnx.split(llama)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 10),
-                   weight_decay=0.01)
-  opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state, ids, mask, slot, key):
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p)
-      x = model.embed(ids)
-      rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(model.embed_tokens[...]))))
-      x = x + jnp.where(slot[..., None], slot_noise * rms * jax.random.normal(key, x.shape, x.dtype), 0.0)
-      logits = model(inputs_embeds=x, attention_mask=mask)
-      logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-      nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-      w = mask[:, 1:].astype(jnp.float32)
-      return jnp.sum(nll * w) / jnp.sum(w)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def loss_fn(p, ids, mask, slot, key):
+    model = nnx.merge(graphdef, p)
+    x = model.embed(ids)
+    rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(model.embed_tokens[...]))))
+    x = x + jnp.where(slot[..., None], slot_noise * rms * jax.random.normal(key, x.shape, x.dtype), 0.0)
+    logits = model(inputs_embeds=x, attention_mask=mask)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    w = mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.sum(w)
 
-  rng = np.random.default_rng(seed)
-  key = jax.random.key(seed)
-  loss = float("nan")
-  for s in range(steps):
-    pick = rng.integers(0, len(rows), batch_size)
-    params, opt_state, loss = step(params, opt_state, ids[pick], mask[pick], slot[pick], jax.random.fold_in(key, s))
-    if (s + 1) % max(steps // 4, 1) == 0:
-      log(f"  stage 0 step {s + 1}/{steps}: text loss {float(loss):.3f}")
+  params, loss = fit(loss_fn, params, (ids, mask, slot), steps=steps, batch_size=batch_size, lr=lr,
+                     warmup=max(steps // 20, 1), decay_steps=steps, seed=seed, keyed=True,
+                     progress="  stage 0 step {step}/{steps}: text loss {loss:.3f}", log=log)
   nnx.update(llama, params)
-  return float(loss)
+  return loss
 
 
 def reading_accuracy(llama, tokenizer, rows) -> dict[str, float]:

@@ -20,6 +20,7 @@ from flax import nnx
 
 from vllama_jax.data import synthetic
 from vllama_jax.media.image import normalize
+from vllama_jax.train.fit import fit
 
 TOWER = ("visual_encoder", "qformer")  # the frozen parts of a VideoBranch this stage trains
 FRAME_SEED = 7919  # a stream of its own: no frame of the dataset is used
@@ -64,9 +65,6 @@ def pretrain_vision(branch, *, steps: int, batch_size: int, lr: float, seed: int
   head = _Head(q.num_query_tokens * q.hidden_size, rngs=nnx.Rngs(seed))
   tower = {name: getattr(branch, name) for name in TOWER}
   graphdef, params = nnx.split((tower, head))
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), max(steps, 2), lr / 10),
-                   weight_decay=0.01)
-  opt_state = tx.init(params)
 
   def predict(params, x):
     (tower, head) = nnx.merge(graphdef, params)
@@ -77,18 +75,9 @@ def pretrain_vision(branch, *, steps: int, batch_size: int, lr: float, seed: int
     ce = optax.softmax_cross_entropy_with_integer_labels
     return jnp.mean(ce(c, colour)) + jnp.mean(ce(s, shape)) + POSITION_WEIGHT * jnp.mean(jnp.square(xy - centre))
 
-  @jax.jit
-  def step(params, opt_state, *batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  for s in range(steps):
-    pick = rng.integers(0, len(frames), batch_size)
-    params, opt_state, loss = step(params, opt_state, frames[pick], colours[pick], shapes[pick], centres[pick])
-    if (s + 1) % max(steps // 4, 1) == 0:
-      log(f"  vision step {s + 1}/{steps}: loss {float(loss):.3f}")
+  params, _ = fit(loss_fn, params, (frames, colours, shapes, centres), steps=steps, batch_size=batch_size, lr=lr,
+                  warmup=max(steps // 10, 1), decay_steps=max(steps, 2), seed=seed,
+                  progress="  vision step {step}/{steps}: loss {loss:.3f}", log=log)
   nnx.update((tower, head), params)
   c, s, xy = jax.jit(predict)(params, test[0])
   return {"colour": float(np.mean(np.argmax(c, -1) == test[1])),
