@@ -1,13 +1,14 @@
 """CPU benchmark: the audio branch's preprocessing and ImageBind audio encoder vs the PyTorch references.
 
-1. Filterbank: our NumPy `kaldi_fbank` on a batch of 2-s 16 kHz clips vs
+1. Filterbank: our `kaldi_fbank` on a batch of 2-s 16 kHz clips vs
    `torchaudio.compliance.kaldi.fbank` called per clip as ImageBind does; and our whole
    `audio_features` on a 16 kHz Waveform vs ImageBind's path (per-clip mean subtraction, kaldi.fbank,
    pad / crop to 204 frames, normalise) written here in torch ops.
 2. Encoder: our jitted `ImageBindEncoder` (audio preset at real width, reduced depth, fp32) vs the
    `imagebind-unofficial` reference holding the same random weights (ours through our converter).
 
-Everything is timed in turns in one run; medians; ratios are PyTorch time / JAX (ours) time (> 1: ours
+Everything is timed in turns in one run (the filterbank rows after a 30-ms busy wait, so that torch's spinning
+OpenMP workers do not take a core from the next call); medians; ratios are PyTorch time / JAX (ours) time (> 1: ours
 faster).
 
   python bench/audio.py                  # width 768 / 12 heads / MLP 3072, depth 4, 1 video x 8 clips
@@ -45,6 +46,7 @@ from vllama_jax.models.imagebind import ImageBindConfig  # noqa: E402
 
 RATE = 16000
 CLIP_SECONDS = 2.0
+SETTLE_S = 0.03  # the filterbank rows take a few ms: let torch's spinning OpenMP workers stop first
 
 
 def parse_args(argv=None):
@@ -90,9 +92,8 @@ def torch_audio_features(waveform: torch.Tensor, num_clips: int) -> torch.Tensor
 def bench_fbank(args, rng) -> list[tuple]:
   rows = []
   samples = int(CLIP_SECONDS * RATE)
-  # Warm-up on the largest batch first: a process's first big NumPy temporaries are fresh mmap'd pages
-  # (page faults on every call) until glibc raises its mmap threshold after the first large frees; a
-  # long-running pipeline is in that later state (cold, the 8-clip row reads ~2x slower).
+  # Warm-up on the largest batch: compiles (or loads) the Numba kernels and sizes each thread's buffers,
+  # the state of a long-running pipeline.
   warm = (0.1 * rng.standard_normal((max(args.fbank_batches), samples))).astype(np.float32)
   for _ in range(2):
     kaldi_fbank(warm, RATE, 128)
@@ -104,7 +105,7 @@ def bench_fbank(args, rng) -> list[tuple]:
       ref = torch.stack([torch_fbank(c) for c in t_clips]).numpy()
       diff = np.abs(ours - ref).max()
       t = median_times({"ours": lambda: kaldi_fbank(clips, RATE, 128),
-                       "torch": lambda: [torch_fbank(c) for c in t_clips]}, args.fbank_repeats)
+                       "torch": lambda: [torch_fbank(c) for c in t_clips]}, args.fbank_repeats, SETTLE_S)
     rows.append((f"kaldi fbank, {n} x 2-s clips", n, t["ours"], t["torch"], diff))
 
   wave = Waveform((0.1 * rng.standard_normal((1, int(args.seconds * RATE)))).astype(np.float32), RATE)
@@ -114,7 +115,7 @@ def bench_fbank(args, rng) -> list[tuple]:
     ref = torch_audio_features(t_wave, args.clips).numpy()
     diff = np.abs(ours - ref).max()
     t = median_times({"ours": lambda: audio_features(wave, num_clips=args.clips),
-                     "torch": lambda: torch_audio_features(t_wave, args.clips)}, args.fbank_repeats)
+                     "torch": lambda: torch_audio_features(t_wave, args.clips)}, args.fbank_repeats, SETTLE_S)
   rows.append((f"audio_features, {args.seconds:g}-s wave", ours.shape[0], t["ours"], t["torch"], diff))
   return rows
 

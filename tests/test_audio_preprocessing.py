@@ -144,7 +144,7 @@ def test_fbank_batch_and_short():
   assert kaldi_fbank(x[0, :400]).shape == (1, 128)
   # Blocks of frames: several rows per block, or a row cut into several blocks.
   for block in (10, 64):
-    np.testing.assert_allclose(kaldi_fbank(x, block_frames=block), batch, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(kaldi_fbank(x, block_frames=block), batch)
   np.testing.assert_array_equal(kaldi_fbank(x, block_frames=10, threads=1),
                                 kaldi_fbank(x, block_frames=10, threads=3))
 

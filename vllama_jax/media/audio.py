@@ -203,4 +203,6 @@ def audio_features(source, num_clips: int = 8, clip_seconds: float = 2.0,
     fb = kaldi_fbank(np.stack([clips[i] for i in idx]), sample_rate, num_mel_bins)
     n = min(fb.shape[1], target_frames)
     out[idx, 0, :, :n] = fb[:, :n].transpose(0, 2, 1)
-  return (out - np.float32(mean)) / np.float32(std)
+  out -= np.float32(mean)
+  out /= np.float32(std)
+  return out

@@ -1,4 +1,5 @@
-"""Kaldi log-mel filterbank as `torchaudio.compliance.kaldi.fbank` computes it, in NumPy.
+"""Kaldi log-mel filterbank as `torchaudio.compliance.kaldi.fbank` computes it: per-frame loops
+compiled with Numba (already installed with librosa), NumPy's FFT between them.
 
 Only the options ImageBind uses are supported: `htk_compat=True, use_energy=False,
 window_type='hanning', dither=0.0, snip_edges=True`, 25 ms frames with a 10 ms shift, power
@@ -10,8 +11,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 EPSILON = float(np.finfo(np.float32).eps)  # Kaldi's floor before the log: 1.1920929e-07
@@ -73,58 +76,84 @@ def frame_count(num_samples: int, sample_rate: int = 16000, frame_length_ms: flo
 
 
 @functools.lru_cache(maxsize=16)
-def _mel_blocks(num_bins: int, padded_window: int, sample_rate: float, groups: int = 8):
-  """`mel_banks` cut into `groups` column groups, each with only the FFT-bin rows its triangles
-  touch: ((mel slice, bin slice, weights), ...). The banks are ~99% zeros, so the matmuls over
-  these bands cost ~5x less than the dense one and add the same non-zero products."""
-  banks = mel_banks(num_bins, padded_window, sample_rate)
-  step = -(-num_bins // groups)
-  bands = []
-  for m in range(0, num_bins, step):
-    cols = banks[:, m:m + step]
-    rows = np.flatnonzero(cols.any(axis=1))
-    lo, hi = (rows[0], rows[-1] + 1) if rows.size else (0, 1)
-    weights = np.ascontiguousarray(cols[lo:hi])
-    weights.setflags(write=False)
-    bands.append((slice(m, m + cols.shape[1]), slice(lo, hi), weights))
-  return tuple(bands)
+def _mel_rows(num_bins: int, padded_window: int, sample_rate: float):
+  """`mel_banks` as rows of its non-zero run: (first bin, last bin + 1, float64 weights padded
+  to the widest run), one row per mel bin. The banks are ~99% zeros."""
+  banks = mel_banks(num_bins, padded_window, sample_rate).T
+  lo = np.zeros(num_bins, np.int64)
+  hi = np.zeros(num_bins, np.int64)
+  for m, row in enumerate(banks):
+    nonzero = np.flatnonzero(row)
+    if nonzero.size:
+      lo[m], hi[m] = nonzero[0], nonzero[-1] + 1
+  weights = np.zeros((num_bins, max(1, int((hi - lo).max()))))
+  for m in range(num_bins):
+    weights[m, :hi[m] - lo[m]] = banks[m, lo[m]:hi[m]]
+  return lo, hi, weights
 
 
-def _blocks(rows: int, frames: int, target: int):
-  """(row slice, frame slice) blocks of about `target` frames (whole rows where they fit)."""
-  per_block = max(1, target // frames)
-  step = min(frames, target)
-  for r in range(0, rows, per_block):
-    for f in range(0, frames, step):
-      yield slice(r, min(r + per_block, rows)), slice(f, min(f + step, frames))
+# `reassoc` lets LLVM vectorise the frame sums (float64, so the order does not matter here).
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _windowed_frames(x, first, count, size, shift, window, padded):  # pragma: no cover (compiled)
+  """Frames first .. first + count of x: DC removed, pre-emphasised (the first sample against
+  itself: Kaldi's replicate padding), windowed, into padded[:count, :size]."""
+  for i in range(count):
+    start = (first + i) * shift
+    mean = 0.0
+    for j in range(size):
+      mean += x[start + j]
+    mean /= size
+    padded[i, 0] = (1.0 - PREEMPHASIS) * (x[start] - mean) * window[0]
+    for j in range(1, size):
+      padded[i, j] = ((x[start + j] - mean) - PREEMPHASIS * (x[start + j - 1] - mean)) * window[j]
 
 
-def _fbank_block(x: np.ndarray, out: np.ndarray, size: int, shift: int, nfft: int, bands) -> None:
-  """Log-mel of the whole frames of x (rows, samples) into out (rows, frames, mels)."""
-  x = np.asarray(x, np.float64)
-  # Pre-emphasis commutes with the per-frame DC removal except for a constant: with frame mean m,
-  # preemph(x - m)[j] = preemph(x)[j] - 0.03 m for j >= 1, where preemph(x)[j] = x[j] - 0.97 x[j-1]
-  # is shared by all frames and computed once. Sample j = 0 of each frame (replicate padding:
-  # 0.03 (x[0] - m)) is left wrong: the Hann window is exactly 0 there.
-  y = np.empty_like(x)
-  y[:, 0] = x[:, 0]
-  np.subtract(x[:, 1:], PREEMPHASIS * x[:, :-1], out=y[:, 1:])
-  frames_x = np.lib.stride_tricks.sliding_window_view(x, size, axis=-1)[:, ::shift]
-  frames_y = np.lib.stride_tricks.sliding_window_view(y, size, axis=-1)[:, ::shift]
-  padded = np.zeros(frames_y.shape[:2] + (nfft,))
-  framed = padded[..., :size]
-  np.subtract(frames_y, (1.0 - PREEMPHASIS) * frames_x.mean(axis=-1, keepdims=True), out=framed)
-  framed *= _hann(size)
-  # Past the FFT all terms are non-negative sums, so float32 costs no accuracy that matters.
-  spec = np.fft.rfft(padded, axis=-1).astype(np.complex64)
-  power = spec.real ** 2
-  power += spec.imag ** 2
-  for mels, bins, weights in bands:
-    np.matmul(power[..., bins], weights, out=out[..., mels])
-  np.log(np.maximum(out, EPSILON, out=out), out=out)
+@numba.njit(nogil=True, cache=True)
+def _mel_power(spec, count, lo, hi, weights, out):  # pragma: no cover (compiled)
+  """Mel power of the first count spectra, floored at Kaldi's epsilon, into out[:count]."""
+  power = np.empty(spec.shape[1])
+  for i in range(count):
+    for b in range(spec.shape[1]):
+      power[b] = spec[i, b].real * spec[i, b].real + spec[i, b].imag * spec[i, b].imag
+    for m in range(out.shape[1]):
+      total = 0.0
+      for b in range(lo[m], hi[m]):
+        total += power[b] * weights[m, b - lo[m]]
+      out[i, m] = max(total, EPSILON)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; a forked child starts its own
+class _Workspace(threading.local):
+  """Per-thread frame and spectrum buffers, reused across calls: fresh multi-MB temporaries
+  per call cost more in page faults than the FFT itself."""
+
+  def __init__(self):
+    self.key, self.buffers = None, None
+
+  def get(self, frames: int, nfft: int):
+    if self.key != (frames, nfft):
+      self.key = (frames, nfft)
+      # The zero tail of each padded frame is never written, so it stays zero.
+      self.buffers = np.zeros((frames, nfft)), np.empty((frames, nfft // 2 + 1), np.complex128)
+    return self.buffers
+
+
+_WORKSPACE = _Workspace()
+
+
+def _fbank_blocks(x: np.ndarray, out: np.ndarray, blocks, size: int, shift: int, nfft: int, mel,
+                  block: int) -> None:
+  """Log-mel of each block (row, first frame, frame count) of x (rows, samples) into out (rows,
+  frames, mels), in float64 buffers of `block` frames that stay in cache."""
+  padded, spec = _WORKSPACE.get(block, nfft)
+  window = _hann(size)
+  for r, first, count in blocks:
+    _windowed_frames(x[r], first, count, size, shift, window, padded)
+    np.fft.rfft(padded[:count], axis=-1, out=spec[:count])
+    _mel_power(spec, count, *mel, out[r, first:first + count])
+    np.log(out[r, first:first + count], out=out[r, first:first + count])
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by helper count; a forked child starts its own
 os.register_at_fork(after_in_child=_POOLS.clear)
 
 
@@ -133,29 +162,33 @@ def _default_threads() -> int:
 
 
 def _run(jobs: list, threads: int) -> None:
-  """Runs each job (a `_fbank_block` argument tuple) on `threads` threads; NumPy's element-wise
-  loops, FFT and BLAS release the GIL, so the blocks run in parallel."""
+  """Runs each job (a `_fbank_blocks` argument tuple) on `threads` threads; the compiled loops and
+  NumPy's FFT release the GIL, so the jobs run in parallel."""
   threads = min(threads, len(jobs))
   if threads <= 1:
     for job in jobs:
-      _fbank_block(*job)
+      _fbank_blocks(*job)
     return
-  if threads not in _POOLS:
-    _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="kaldi_fbank")
-  for _ in _POOLS[threads].map(lambda job: _fbank_block(*job), jobs):
-    pass
+  helpers = threads - 1  # the calling thread takes the first job itself instead of waiting idle
+  if helpers not in _POOLS:
+    _POOLS[helpers] = ThreadPoolExecutor(helpers, thread_name_prefix="kaldi_fbank")
+  pending = [_POOLS[helpers].submit(_fbank_blocks, *job) for job in jobs[1:]]
+  _fbank_blocks(*jobs[0])
+  for job in pending:
+    job.result()
 
 
 def kaldi_fbank(waveform: np.ndarray, sample_rate: int = 16000, num_mel_bins: int = 128,
                 frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
-                block_frames: int = 400, threads: int | None = None) -> np.ndarray:
+                block_frames: int = 128, threads: int | None = None) -> np.ndarray:
   """Log-mel filterbank of a 1-D waveform, or of each row of a (..., samples) batch.
 
-  Returns (..., frames, num_mel_bins) float32. Framing and FFT are float64 and the power spectrum
-  is rounded once after it, so it agrees with torchaudio's float32 result to float32 rounding
-  except where torchaudio's own float32 noise floor dominates (bins ~1e-7 of the frame's peak
-  power). Frames go in blocks of about `block_frames`, whose float64 buffers stay in cache, on
-  `threads` threads (default: one per CPU this process may use, as torch's intra-op threads).
+  Returns (..., frames, num_mel_bins) float32. Framing, FFT and mel sums are float64 and the mel
+  power is rounded once before the log, so it agrees with torchaudio's float32 result to float32
+  rounding except where torchaudio's own float32 noise floor dominates (bins ~1e-7 of the frame's
+  peak power). Frames go in blocks of at most `block_frames`, whose float64 buffers stay in cache,
+  on `threads` threads (default: one per CPU this process may use, as torch's intra-op threads).
+  The first call in a process compiles two small kernels (~2 s; cached on disk after that).
   """
   size = int(sample_rate * frame_length_ms * 0.001)
   shift = int(sample_rate * frame_shift_ms * 0.001)
@@ -163,12 +196,17 @@ def kaldi_fbank(waveform: np.ndarray, sample_rate: int = 16000, num_mel_bins: in
   if not 2 <= size:
     raise ValueError(f"frame of {size} samples is too short")
   x = np.asarray(waveform)
+  x = np.ascontiguousarray(x, x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
   lead, n = x.shape[:-1], x.shape[-1]
   x = x.reshape(-1, n)
   frames = frame_count(n, sample_rate, frame_length_ms, frame_shift_ms)
   out = np.empty((x.shape[0], frames, num_mel_bins), np.float32)
-  bands = _mel_blocks(num_mel_bins, nfft, float(sample_rate))
-  jobs = [(x[r, f.start * shift:(f.stop - 1) * shift + size], out[r, f], size, shift, nfft, bands)
-          for r, f in _blocks(x.shape[0], frames, block_frames)] if frames else []
-  _run(jobs, _default_threads() if threads is None else threads)
+  mel = _mel_rows(num_mel_bins, nfft, float(sample_rate))
+  threads = _default_threads() if threads is None else threads
+  blocks = [(r, f, min(block_frames, frames - f)) for r in range(x.shape[0])
+            for f in range(0, frames, block_frames)]
+  step = max(1, -(-len(blocks) // max(1, threads)))  # one job of consecutive blocks per thread
+  jobs = [(x, out, blocks[b:b + step], size, shift, nfft, mel, block_frames)
+          for b in range(0, len(blocks), step)]
+  _run(jobs, threads)
   return out.reshape(lead + (frames, num_mel_bins))
