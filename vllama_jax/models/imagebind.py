@@ -175,10 +175,12 @@ class ImageBindAttention(nnx.Module):
       self.bias_k = self.bias_v = None
     self.heads, self.head_dim = cfg.heads, cfg.head_dim
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, _ = x.shape
+  def __call__(self, x: jax.Array, queries: int | None = None) -> jax.Array:
+    """x (B, T, width) -> (B, T, width), or only the first `queries` rows (keys are all of x)."""
+    b = x.shape[0]
     split = lambda y: y.reshape(b, -1, self.heads, self.head_dim)
-    q = constrain(split(self.q(x)), ("batch", "length", "act_heads", None))
+    q = constrain(split(self.q(x[:, :queries])), ("batch", "length", "act_heads", None))
+    t = q.shape[1]
     k, v = split(self.k(x)), split(self.v(x))
     if self.bias_k is not None:  # one extra key / value position, appended after the in-projection
       extra = lambda p, like: jnp.broadcast_to(p[...].astype(like.dtype).reshape(1, 1, self.heads, self.head_dim),
@@ -225,9 +227,11 @@ class ImageBindBlock(nnx.Module):
     self.norm_2 = norm()
     self.mlp = ImageBindMlp(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rate: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, rate: jax.Array | None = None, key: jax.Array | None = None,
+               queries: int | None = None) -> jax.Array:
+    """`queries`: compute only the first rows' outputs (all rows still serve as keys and values)."""
     keys = (None, None) if key is None else tuple(jax.random.split(key))
-    x = x + _drop_path(self.attn(self.norm_1(x)), rate, keys[0])
+    x = x[:, :queries] + _drop_path(self.attn(self.norm_1(x), queries), rate, keys[0])
     x = x + _drop_path(self.mlp(self.norm_2(x)), rate, keys[1])
     return constrain(x, HIDDEN)
 
@@ -304,8 +308,12 @@ class ImageBindEncoder(nnx.Module):
 
     if self.config.remat:
       body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, (block_states, rates, keys))
-    return x
+    # Only the CLS row of the last block reaches the head: that block computes it alone (the same
+    # numbers, a depth-th of the trunk's work saved).
+    leading = jax.tree.map(lambda a: a[:-1], (block_states, rates, keys))
+    final_state, final_rate, final_key = jax.tree.map(lambda a: a[-1], (block_states, rates, keys))
+    x, _ = jax.lax.scan(body, x, leading)
+    return nnx.merge(graphdef, final_state)(x, final_rate, final_key, queries=1)
 
 
 def parameter_count(cfg: ImageBindConfig) -> int:
