@@ -149,6 +149,15 @@ def test_fbank_batch_and_short():
                                 kaldi_fbank(x, block_frames=10, threads=3))
 
 
+def test_fbank_buffers_reused_across_frame_sizes_give_the_same_result():
+  # 48 kHz and 44.1 kHz frames (1200 and 1102 samples) share an FFT size of 2048; each thread reuses
+  # its buffers, so a shorter frame after a longer one must not see the longer one's samples.
+  x = np.random.default_rng(2).standard_normal(9000).astype(np.float32)
+  fresh = kaldi_fbank(x, 44100, threads=1)
+  kaldi_fbank(x, 48000, threads=1)
+  np.testing.assert_array_equal(kaldi_fbank(x, 44100, threads=1), fresh)
+
+
 # -- Clip sampling ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("divisor", [8, 7])

@@ -129,10 +129,10 @@ class _Workspace(threading.local):
   def __init__(self):
     self.key, self.buffers = None, None
 
-  def get(self, frames: int, nfft: int):
-    if self.key != (frames, nfft):
-      self.key = (frames, nfft)
-      # The zero tail of each padded frame is never written, so it stays zero.
+  def get(self, frames: int, size: int, nfft: int):
+    if self.key != (frames, size, nfft):
+      self.key = (frames, size, nfft)
+      # Frames fill [:size] of each row; the zero tail past it is never written, so it stays zero.
       self.buffers = np.zeros((frames, nfft)), np.empty((frames, nfft // 2 + 1), np.complex128)
     return self.buffers
 
@@ -144,7 +144,7 @@ def _fbank_blocks(x: np.ndarray, out: np.ndarray, blocks, size: int, shift: int,
                   block: int) -> None:
   """Log-mel of each block (row, first frame, frame count) of x (rows, samples) into out (rows,
   frames, mels), in float64 buffers of `block` frames that stay in cache."""
-  padded, spec = _WORKSPACE.get(block, nfft)
+  padded, spec = _WORKSPACE.get(block, size, nfft)
   window = _hann(size)
   for r, first, count in blocks:
     _windowed_frames(x[r], first, count, size, shift, window, padded)
