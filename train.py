@@ -22,7 +22,7 @@ from vllama_jax.errors import VllamaError
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic.py")
 
 
-def run(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
+def run(config, workdir: str, log=print) -> dict:
   """Trains `config` in `workdir`; for the synthetic config also prepares the data and reports
   held-out accuracy per attribute. Returns a summary dict (also written to workdir/summary.json)."""
   import jax
@@ -36,7 +36,7 @@ def run(config, workdir: str, log=print, stop_after: int | None = None) -> dict:
     from vllama_jax.train import synthetic_job
     data_dir = synthetic_job.setup(config, workdir, log=log)
     log("[4/5] training both Q-Formers")
-  result = loop.train(config, workdir, stop_after=stop_after, log=log)
+  result = loop.train(config, workdir, log=log)
   summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
              "eval_loss": result.eval_loss, "export_dir": result.export_dir, "skipped_samples": result.broken}
   if synthetic and result.export_dir and jax.process_index() == 0:

@@ -102,10 +102,8 @@ def _agree_across_processes(batch: dict, stop_requested: bool) -> tuple[dict, bo
                   for k in keys if batch[k].shape[1] < longest}, stop
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-          log=print) -> RunResult:
-  """Runs (or resumes) `config` in `workdir`. `stop_after` ends early after that many steps of this
-  call, saving a checkpoint as a pre-emption would (for tests and time-boxed jobs)."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunResult:
+  """Runs (or resumes) `config` in `workdir`; SIGTERM stops it after the current step with a checkpoint."""
   from vllama_jax.data.build import make_loader
   from vllama_jax.pretrained import load_video_llama
   initialize_distributed(config)
@@ -173,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
         ckpt.save(step, state, data.get_state())
-        if (stopping if multi else stop.requested) or (stop_after is not None and step - start >= stop_after):
+        if stopping if multi else stop.requested:
           losses.extend(float(x["loss"]) for x in window)
           window = []
           ckpt.save(step, state, data.get_state(), force=True)
