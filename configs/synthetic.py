@@ -10,13 +10,15 @@ frozen (stage 0, see vllama_jax/train/synthetic_text.py), and both Q-Formers tra
 audio (not in the paper, which trains the branches one after the other). The variant
 `no_frame_positions` switches the frame position embedding off: frame order becomes invisible, so
 direction falls to chance while colour and sound do not. `test` / `test_no_frame_positions` are the
-same runs without the evaluations along the way, scored on 100 held-out videos
-(tests/test_synthetic_learns.py); `quick` is a smoke run of a few steps.
+same runs without the evaluations along the way, scored on 100 held-out videos; `ci` /
+`ci_no_frame_positions` are a shorter pair sized for CI (stage 0 on batches of 16, 400 vision steps of
+32 stills, 400 Q-Former steps); both pairs run in tests/test_synthetic_learns.py.
+`quick` is a smoke run of a few steps.
 """
 
 import ml_collections
 
-VARIANTS = ("", "no_frame_positions", "quick", "test", "test_no_frame_positions")
+VARIANTS = ("", "no_frame_positions", "quick", "test", "test_no_frame_positions", "ci", "ci_no_frame_positions")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -34,7 +36,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.remat = False
   c.video_options = ml_collections.ConfigDict({"use_frame_positions": not variant.endswith("no_frame_positions")})
   c.synthetic = ml_collections.ConfigDict(dict(
-      data_dir="", cache=True, num_train=1000, num_test=200, seed=0, vocab_size=512,
+      data_dir="", cache=True, frozen_features=True, num_train=1000, num_test=200, seed=0, vocab_size=512,
       text_steps=400, text_batch_size=32, text_lr=3e-3, slot_noise=0.0,
       vision_steps=500, vision_batch_size=64, vision_lr=1e-3, vision_clips=1000))
   c.model = ml_collections.ConfigDict(dict(
@@ -47,14 +49,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       datasets=[dict(name="synthetic_qa", format="videochat", ann="", media="", ratio=1.0,
                      eval_ann="", eval_media="")],
       batch_size=16, eval_batch_size=16, num_frames=8, size=64, num_query_tokens=8, max_len=512,
-      max_txt_len=32, end_sym="\n", bucket=64, augment=False, cache_dir="", num_workers=0, num_threads=2, prefetch=8))
+      max_txt_len=32, end_sym="\n", bucket=64, augment=False, cache_dir="", features_dir="", num_workers=0, num_threads=2, prefetch=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, asynchronous=True))
   c.eval = ml_collections.ConfigDict(dict(every=300, batches=4, generate=2, batch_size=32, accuracy_limit=0))
   c.log_every = 20
   c.progress = True
-  if variant.startswith("test"):  # tests/test_synthetic_learns.py: the same run, scored on 100 held-out videos
+  if variant.startswith(("test", "ci")):  # tests/test_synthetic_learns.py: scored on 100 held-out videos
     c.eval.update(every=0, accuracy_limit=100)
     c.progress = False
+  if variant.startswith("ci"):
+    c.synthetic.update(num_test=100, text_batch_size=16, vision_steps=400, vision_batch_size=32)
+    c.optimizer.iters_per_epoch = 400
   if variant == "quick":  # a smoke run for tests: few steps, few samples
     c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8, vision_steps=4,
                        vision_batch_size=8, vision_clips=8)

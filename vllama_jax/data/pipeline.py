@@ -7,7 +7,9 @@ mp_prefetch, so with workers it runs there; each batch carries the counts of the
 while it was assembled ("_broken"), and `Loader` (main process) adds them up and removes the key.
 
 Batch: ids / source / labels / attention_mask int32 (B, L), frames float32 (B, T, S, S, 3),
-filterbanks float32 (B, 8, 1, 128, 204) with audio, weight float32 (B,). L is the smallest
+filterbanks float32 (B, 8, 1, 128, 204) with audio, weight float32 (B,); read from frozen features
+(data.frozen_features), videos give frame_features (B, T, Nq, W) and audio_embeddings (B, 8, D)
+instead of frames and filterbanks. L is the smallest
 multiple of `cfg.bucket` that holds the batch's longest text. Training drops the last partial
 batch; otherwise it is filled with filler rows (weight 0, labels -100, attention_mask 0).
 """
@@ -32,6 +34,9 @@ def _shard(cfg: DataConfig) -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+MEDIA = ("frames", "filterbanks", "frame_features", "audio_embeddings")
+
+
 def collate(rows: list[dict], batch_size: int, buckets: Sequence[int]) -> dict:
   """Stacks examples into one fixed-shape batch, padding text right and rows with filler."""
   longest = max(len(r["ids"]) for r in rows)
@@ -42,20 +47,19 @@ def collate(rows: list[dict], batch_size: int, buckets: Sequence[int]) -> dict:
            "source": np.full((batch_size, length), -1, np.int32),
            "labels": np.full((batch_size, length), IGNORE, np.int32),
            "attention_mask": np.zeros((batch_size, length), np.int32),
-           "frames": np.zeros((batch_size,) + rows[0]["frames"].shape, np.float32),
            "weight": np.zeros((batch_size,), np.float32)}
-  if "filterbanks" in rows[0]:
-    batch["filterbanks"] = np.zeros((batch_size,) + rows[0]["filterbanks"].shape, np.float32)
+  media = [k for k in MEDIA if k in rows[0]]
+  for k in media:
+    batch[k] = np.zeros((batch_size,) + rows[0][k].shape, np.float32)
   for i, r in enumerate(rows):
     n = len(r["ids"])
     batch["ids"][i, :n] = r["ids"]
     batch["source"][i, :n] = r["source"]
     batch["labels"][i, :n] = r["labels"]
     batch["attention_mask"][i, :n] = 1
-    batch["frames"][i] = r["frames"]
     batch["weight"][i] = 1.0
-    if "filterbanks" in batch:
-      batch["filterbanks"][i] = r["filterbanks"]
+    for k in media:
+      batch[k][i] = r[k]
   return batch
 
 
@@ -105,6 +109,8 @@ def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> gra
   index, count = _shard(cfg)
   cfg = dataclasses.replace(cfg, shard_index=index, shard_count=count)
   builder = SampleBuilder(tokenizer_dir, cfg)
+  if builder.features is not None:
+    builder.features.require(records, train=cfg.train)
   step = cfg.bucket
   top = -(-builder.max_length() // step) * step
   buckets = tuple(range(step, top + 1, step))

@@ -9,6 +9,7 @@ import numpy as np
 
 from vllama_jax.data import augment, text
 from vllama_jax.data.decode import load_video_indices
+from vllama_jax.errors import ConfigError
 from vllama_jax.media import MediaError
 
 AUDIO_ROWS = 8
@@ -51,6 +52,7 @@ class DataConfig:
   num_threads: int = 2  # reading threads per process (grain ReadOptions)
   prefetch: int = 8  # elements read ahead per process
   cache_dir: str = ""  # a media cache (data.media_cache) to read videos' frames and filterbanks from
+  features_dir: str = ""  # frozen features (data.frozen_features) to read in place of videos' media
 
   @property
   def runs(self) -> tuple[int, ...]:
@@ -62,12 +64,24 @@ class SampleBuilder:
   worker process)."""
 
   def __init__(self, tokenizer_dir: str, cfg: DataConfig):
-    self.tokenizer_dir, self.cfg, self._tok, self._cache = tokenizer_dir, cfg, None, None
+    self.tokenizer_dir, self.cfg, self._tok, self._cache, self._features = tokenizer_dir, cfg, None, None, None
     if cfg.cache_dir:  # opened here too, so that a cache that does not fit fails at once
       self.cache.check(cfg.num_frames, cfg.size, cfg.audio)
+    if cfg.features_dir:
+      if cfg.train and cfg.augment:
+        raise ConfigError(f"data.features_dir {cfg.features_dir!r}: frozen features hold the un-augmented "
+                          "frames' encodings; training from them needs data.augment=False")
+      self.features.check(cfg.num_frames, cfg.size, cfg.audio)
 
   def __getstate__(self):
-    return {"tokenizer_dir": self.tokenizer_dir, "cfg": self.cfg, "_tok": None, "_cache": None}
+    return {"tokenizer_dir": self.tokenizer_dir, "cfg": self.cfg, "_tok": None, "_cache": None, "_features": None}
+
+  @property
+  def features(self):
+    if self._features is None and self.cfg.features_dir:
+      from vllama_jax.data.frozen_features import FrozenFeatures
+      self._features = FrozenFeatures(self.cfg.features_dir)
+    return self._features
 
   @property
   def cache(self):
@@ -110,27 +124,11 @@ class SampleBuilder:
       caption = text.blip_caption(caption) if record.get("clean_caption") else caption
       if not caption.strip():
         raise text.BrokenSample("empty caption")
-    out = {"broken": ""}
-    hint = ""
-    video = record["media_type"] == "video"
-    cached = self.cache.get(record["media"]) if video and self.cache is not None else None
-    if cached is not None and cached.broken:
-      raise text.BrokenSample(cached.broken)
-    if video:
-      out["frames"], hint = self.video(record["media"], rng, record["kind"] == "caption", cached)
+    if record["media_type"] == "video" and self.features is not None:
+      media, hint = self.features.arrays(record["media"])
     else:
-      out["frames"] = self.image(record["media"], rng)
-    if cfg.audio:
-      if cached is not None:
-        if cached.audio_broken:
-          raise text.BrokenSample(cached.audio_broken)
-        bank = cached.filterbanks
-      else:
-        from vllama_jax.media.audio import audio_features
-        bank = audio_features(record["media"])
-      if bank is None:
-        raise text.BrokenSample("no audio")
-      out["filterbanks"] = bank.astype(np.float32)
+      media, hint = self.media(record, rng)
+    out = {"broken": ""} | media
     tok = self.tokenizer
     if record["kind"] == "caption":
       prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
@@ -142,6 +140,30 @@ class SampleBuilder:
         turns = text.videochat_turns(record["qa"], hint, cfg.runs)
       ex = text.instruction_example(tok, turns, cfg.template, cfg.runs, cfg.max_len)
     return out | ex
+
+  def media(self, record: dict, rng) -> tuple[dict, str]:
+    """({"frames", and "filterbanks" with audio}, time hint) of a record's video or image."""
+    out, hint = {}, ""
+    video = record["media_type"] == "video"
+    cached = self.cache.get(record["media"]) if video and self.cache is not None else None
+    if cached is not None and cached.broken:
+      raise text.BrokenSample(cached.broken)
+    if video:
+      out["frames"], hint = self.video(record["media"], rng, record["kind"] == "caption", cached)
+    else:
+      out["frames"] = self.image(record["media"], rng)
+    if self.cfg.audio:
+      if cached is not None:
+        if cached.audio_broken:
+          raise text.BrokenSample(cached.audio_broken)
+        bank = cached.filterbanks
+      else:
+        from vllama_jax.media.audio import audio_features
+        bank = audio_features(record["media"])
+      if bank is None:
+        raise text.BrokenSample("no audio")
+      out["filterbanks"] = bank.astype(np.float32)
+    return out, hint
 
   def video(self, path, rng, headtail: bool, cached=None):
     from vllama_jax.media.image import normalize

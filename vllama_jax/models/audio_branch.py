@@ -79,7 +79,7 @@ class AudioBranch(nnx.Module):
     if filterbanks.ndim != 5:
       raise ValueError(f"filterbanks have shape {tuple(filterbanks.shape)}; expected (batch, clips, 1, 128, 204)")
     embeddings = jax.lax.stop_gradient(self.audio_encoder(filterbanks))  # frozen
-    return self._from_embeddings(embeddings, **kwargs)
+    return self.from_embeddings(embeddings, **kwargs)
 
   def encode_frames(self, frames: jax.Array, **kwargs) -> jax.Array:
     """(B, T<=8, H, W, 3) CLIP-normalised frames through ImageBind's vision tower, as the paper trains."""
@@ -88,10 +88,15 @@ class AudioBranch(nnx.Module):
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"frames have shape {tuple(frames.shape)}; expected (batch, frames, height, width, 3)")
     embeddings = jax.lax.stop_gradient(self.vision_encoder(jnp.moveaxis(frames, -1, 2)))  # frozen
-    return self._from_embeddings(embeddings, **kwargs)
+    return self.from_embeddings(embeddings, **kwargs)
 
-  def _from_embeddings(self, embeddings: jax.Array, *, deterministic: bool = True,
-                       rngs: nnx.Rngs | None = None) -> jax.Array:
+  def from_embeddings(self, embeddings: jax.Array, *, deterministic: bool = True,
+                      rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The trainable rest: frozen ImageBind embeddings (B, S<=8, D) -> (B, num_queries, llm_hidden_size)."""
+    if embeddings.ndim != 3 or embeddings.shape[-1] != self.config.qformer.encoder_width:
+      raise ValueError(f"audio embeddings have shape {tuple(embeddings.shape)}; expected (batch, segments, "
+                       f"{self.config.qformer.encoder_width})")
+    embeddings = jax.lax.stop_gradient(embeddings)
     segments = embeddings.shape[1]
     if segments > self.config.num_positions:
       raise ConfigError(f"{segments} audio segments, but the audio position table has "

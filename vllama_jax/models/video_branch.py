@@ -108,7 +108,15 @@ class VideoBranch(nnx.Module):
     """frames (B, T, H, W, 3), CLIP-normalised -> (B, Nq_video, llm_hidden_size)."""
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"frames have shape {tuple(frames.shape)}; expected (batch, frames, height, width, 3)")
-    features = jax.lax.stop_gradient(self.frame_features(frames))  # frozen encoders
+    return self.from_features(self.frame_features(frames), deterministic=deterministic, rngs=rngs)
+
+  def from_features(self, features: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """The trainable rest: `frame_features` (B, T, Nq, W) -> (B, Nq_video, llm_hidden_size)."""
+    width = self.config.image_qformer.hidden_size
+    if features.ndim != 4 or features.shape[-1] != width:
+      raise ValueError(f"frame features have shape {tuple(features.shape)}; expected (batch, frames, "
+                       f"queries, {width})")
+    features = jax.lax.stop_gradient(features)  # frozen encoders
     b, t, nq, width = features.shape
     features = features.astype(jnp.float32)
     if self.config.use_frame_positions:

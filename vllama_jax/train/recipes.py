@@ -81,7 +81,7 @@ def stage_config(stage: str, variant: str = "vicuna-7b") -> ml_collections.Confi
   c.data = ml_collections.ConfigDict(dict(
       datasets=datasets, batch_size=batch, eval_batch_size=batch, num_frames=8, size=224,
       num_query_tokens=n_queries, max_len=512, max_txt_len=max_txt_len, end_sym=end_sym, prompts=prompts,
-      bucket=64, augment=True, num_workers=4, num_threads=8, prefetch=8, cache_dir=""))
+      bucket=64, augment=True, num_workers=4, num_threads=8, prefetch=8, cache_dir="", features_dir=""))
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, asynchronous=True))
   c.eval = ml_collections.ConfigDict(dict(every=0, batches=50, generate=0, batch_size=8))
   c.log_every = 50

@@ -87,14 +87,22 @@ def init_train_state(params: nnx.State, optimizer: Optimizer, seed: int | jax.Ar
 
 def modality_rows(model, batch: dict, mode: str, *, dropout: dict[str, bool], rngs=None) -> jax.Array:
   """The (B, M, H) rows that `batch['source']` indexes; `dropout[branch]` turns on that Q-Former's
-  dropout."""
-  video = lambda: model.video_branch(batch["frames"], deterministic=not dropout["video"], rngs=rngs)
+  dropout. A batch read from frozen features (`data.frozen_features`) holds the frozen encoders'
+  outputs in place of frames and filterbanks, and only the trainable rest runs."""
+  def video():
+    kw = dict(deterministic=not dropout["video"], rngs=rngs)
+    if "frame_features" in batch:
+      return model.video_branch.from_features(batch["frame_features"], **kw)
+    return model.video_branch(batch["frames"], **kw)
   kw = dict(deterministic=not dropout["audio"], rngs=rngs)
   if mode == "video":
     return video()
   if mode == "audio_vision":
     return model.audio_branch.encode_frames(batch["frames"][:, :model.audio_branch.config.num_positions], **kw)
-  audio = model.audio_branch.encode_audio(batch["filterbanks"], **kw)
+  if "audio_embeddings" in batch:
+    audio = model.audio_branch.from_embeddings(batch["audio_embeddings"], **kw)
+  else:
+    audio = model.audio_branch.encode_audio(batch["filterbanks"], **kw)
   if mode == "audio":
     return audio
   return jnp.concatenate([audio, video().astype(audio.dtype)], axis=1)
@@ -126,8 +134,9 @@ def _constrain_batch(batch: dict) -> dict:
   return {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
 
 
-def _compile(fn, mesh, donate, make_in_shardings, out_shardings_fn):
-  """jax.jit of `fn`, built on the first call of each argument structure (shardings depend on it)."""
+def _compile(fn, mesh, donate, make_in_shardings, make_out_shardings):
+  """jax.jit of `fn`, built on the first call of each argument structure (shardings depend on it);
+  `make_out_shardings(*args)` gives the outputs' shardings (or a prefix of them)."""
   cache: dict = {}
 
   def call(*args):
@@ -136,9 +145,8 @@ def _compile(fn, mesh, donate, make_in_shardings, out_shardings_fn):
       if mesh is None:
         cache[key] = jax.jit(fn, donate_argnums=donate)
       else:
-        out = jax.eval_shape(fn, *args)
         cache[key] = jax.jit(fn, in_shardings=make_in_shardings(*args),
-                             out_shardings=out_shardings_fn(out), donate_argnums=donate)
+                             out_shardings=make_out_shardings(*args), donate_argnums=donate)
     if mesh is None:
       return cache[key](*args)
     with jax.set_mesh(mesh):
@@ -196,8 +204,8 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, optimizer: Optimi
   def in_shardings(state, frozen_, batch):
     return tree_shardings(state, mesh), tree_shardings(frozen_, mesh), batch_shardings(batch, mesh)
 
-  def out_shardings(out):
-    return tree_shardings(out[0], mesh), jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), out[1])
+  def out_shardings(state, frozen_, batch):  # the new state is placed as the old; metrics are replicated
+    return tree_shardings(state, mesh), NamedSharding(mesh, PartitionSpec())
 
   compiled = _compile(step, mesh, (0,), in_shardings, out_shardings)
 
@@ -235,8 +243,7 @@ def make_eval_step(graphdef: nnx.GraphDef, frozen: nnx.State, mode: str,
   def in_shardings(params, frozen_, batch):
     return tree_shardings(params, mesh), tree_shardings(frozen_, mesh), batch_shardings(batch, mesh)
 
-  compiled = _compile(evaluate, mesh, (), in_shardings,
-                      lambda out: jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), out))
+  compiled = _compile(evaluate, mesh, (), in_shardings, lambda *args: NamedSharding(mesh, PartitionSpec()))
 
   def eval_step(params: nnx.State, batch: dict) -> dict:
     if mesh is not None:

@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -141,6 +144,9 @@ def setup(config, workdir: str, log=print) -> str:
                     eval_media=os.path.join(data_dir, "videos"))
     if config.synthetic.get("cache", False) and not config.data.cache_dir:
       config.data.cache_dir = os.path.join(data_dir, "cache")
+    if config.synthetic.get("frozen_features", False) and not config.data.get("features_dir"):
+      start = hashlib.sha256(os.path.abspath(config.init_dir).encode()).hexdigest()[:12]
+      config.data.features_dir = os.path.join(data_dir, "frozen_features", start)
   if main and config.synthetic.get("cache", False):
     from vllama_jax.data.build import data_config
     from vllama_jax.data.cache import video_paths
@@ -149,7 +155,23 @@ def setup(config, workdir: str, log=print) -> str:
     build_cache(video_paths(config), config.data.cache_dir, num_frames=cfg.num_frames, size=cfg.size,
                 audio=cfg.audio, quiet=True)
     log(f"  media cache (decoded frames and filterbanks): {config.data.cache_dir}")
+  if main and config.data.get("features_dir"):
+    _frozen_features(config, log)
   return data_dir
+
+
+def _frozen_features(config, log) -> None:
+  """The frozen encoders' outputs for every video; rebuilt when the start directory's encoders changed
+  (a cache of this job's own, in its data directory)."""
+  from vllama_jax.data.frozen_features import INDEX, FrozenFeatures, build_features, fingerprint
+  directory = config.data.features_dir
+  if os.path.isfile(os.path.join(directory, INDEX)):
+    s = FrozenFeatures(directory).settings
+    if s["weights"] != fingerprint(config.init_dir, s["video"], s["audio"]):
+      shutil.rmtree(directory)
+  start = time.time()
+  build_features(config, directory)
+  log(f"  frozen encoders' outputs for every video ({time.time() - start:.0f} s): {directory}")
 
 
 def answer_held_out(config, directory: str, data_dir: str, limit: int | None = None,
@@ -173,20 +195,26 @@ def answer_held_out(config, directory: str, data_dir: str, limit: int | None = N
   answers: dict = {}
   sampling = chat.sampling(max_new_tokens=12, greedy=True)
   batch = config.eval.get("batch_size", 16)
-  media_cache = {}
-  for start in range(0, len(requests), batch):
-    chunk = requests[start:start + batch]
-    new = [p for p, _ in chunk if p not in media_cache]
-    for p, m in zip(new, chat.encode_many([_request(p) for p in new])):
-      media_cache[p] = m
-    convs = [training_style(chat, media_cache[p], q) for p, q in chunk]
-    out = chat.generate(convs, [media_cache[p] for p, _ in chunk], sampling=sampling)
-    for (vid, attribute), text in zip(keys[start:start + batch], out):
+  videos = list(dict.fromkeys(p for p, _ in requests))  # each encoded once
+  media = {}
+  for chunk in _even_chunks(videos, batch):
+    media.update(zip(chunk, chat.encode_many([_request(p) for p in chunk])))
+  for chunk in _even_chunks(list(zip(requests, keys)), batch):
+    convs = [training_style(chat, media[p], q) for (p, q), _ in chunk]
+    out = chat.generate(convs, [media[p] for (p, _), _ in chunk], sampling=sampling)
+    for (_, (vid, attribute)), text in zip(chunk, out):
       answers.setdefault(vid, {})[attribute] = text
   scores = synthetic.score_answers(answers, attributes)
   example = next(iter(answers.items()))
   log(f"  e.g. {example[0]}: {example[1]} (truth {attributes[example[0]]})")
   return scores
+
+
+def _even_chunks(items: list, most: int) -> list[list]:
+  """`items` in chunks of at most `most`, as even as can be (one padded batch shape: one compile)."""
+  count = -(-len(items) // most)
+  size = -(-len(items) // max(count, 1))
+  return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _request(path):
