@@ -151,6 +151,8 @@ def test_features_that_do_not_fit_are_refused(job, features, tmp_path):
   os.utime(marker, ns=(os.stat(marker).st_atime_ns, os.stat(marker).st_mtime_ns + 10**9))  # new weights
   with pytest.raises(ConfigError, match="other settings, weights or videos"):
     build_features(config, features)
+  with pytest.raises(ConfigError, match="computed from other frozen encoder weights"):
+    make_loader(_with_features(config, features), train=True)
 
 
 def test_cli_writes_what_the_builder_writes(job, features, tmp_path, capsys):

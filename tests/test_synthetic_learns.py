@@ -1,11 +1,16 @@
-"""The README's main job reaches its goal: `train.py --config configs/synthetic.py:test` (the main job
-without the evaluations along the way, scored on 100 held-out videos) answers colour, direction and
-sound at 90% or more (chance 25%); with the frame position embedding off (the same data, stage 0, frozen
-encoders and number of steps), direction, which needs frame order, stays at chance while colour and
-sound do not.
+"""The synthetic job learns what needs frame order and what needs audio, and frame order comes from
+the frame position embedding.
 
-About 12 minutes on 2 idle cores, too long for the CI budget beside the rest of the suite, so it runs
-only when asked:  VLLAMA_JAX_LEARNS=1 .venv/bin/python -m pytest tests/test_synthetic_learns.py
+In CI: `configs/synthetic.py:ci`, a shorter run (stage 0 on batches of 16, 400 vision-tower and 400
+Q-Former steps, 100 held-out videos), answers direction and sound well above chance (25%); its
+`ci_no_frame_positions` twin (the same data, stage 0, frozen encoders and steps) leaves direction at
+chance while colour and sound do not move. About 6 minutes on 2 idle cores, started first
+(tests/conftest.py) so that the rest of the suite runs beside it.
+
+On request, the README's main job reaches its goal: `:test` (the main job without the evaluations along
+the way, scored on 100 held-out videos) answers colour, direction and sound at 90% or more, and its
+ablation leaves direction at chance. About 11 minutes on 2 idle cores:
+  VLLAMA_JAX_LEARNS=1 .venv/bin/python -m pytest tests/test_synthetic_learns.py
 Each run is a subprocess on the real single-device CPU backend (the suite's 8 fake devices would halve
 its speed).
 """
@@ -36,17 +41,31 @@ def stage0_reading(log: str) -> dict[str, float]:
   return {k: float(v) / 100 for k, v in re.findall(r"(\w+) ([\d.]+)%", line.split(":", 1)[1])}
 
 
-@pytest.mark.skipif(os.environ.get("VLLAMA_JAX_LEARNS") != "1",
-                    reason="12 minutes of training; set VLLAMA_JAX_LEARNS=1 to run it")
-def test_synthetic_run_learns_and_direction_needs_frame_positions(tmp_path):
-  accuracy, log = train(tmp_path / "run", "test")
+def run_pair(tmp_path, variant):
+  """(accuracy, stage-0 reading) of `variant`, and the accuracy of its no_frame_positions twin."""
+  accuracy, log = train(tmp_path / "run", variant)
   reading = stage0_reading(log)
   assert set(reading) == {"colour", "shape", "direction", "sound"}
-  assert min(reading.values()) >= 0.95, reading  # stage 0 taught the LLM to answer from the slots
-  assert accuracy["colour"] >= 0.9 and accuracy["sound"] >= 0.9, accuracy
-  assert accuracy["direction"] >= 0.9, accuracy
-  ablation, _ = train(tmp_path / "ablation", "test_no_frame_positions",
+  ablation, _ = train(tmp_path / "ablation", f"{variant}_no_frame_positions",
                       f"--config.synthetic.data_dir={tmp_path / 'run' / 'data'}",
                       f"--config.init_dir={tmp_path / 'run' / 'init'}")
+  return accuracy, reading, ablation
+
+
+def test_short_run_learns_direction_and_sound_and_direction_needs_frame_positions(tmp_path):
+  accuracy, _, ablation = run_pair(tmp_path, "ci")
+  assert accuracy["colour"] >= 0.9 and accuracy["sound"] >= 0.9, accuracy
+  assert accuracy["direction"] >= 0.5, accuracy  # twice chance; it climbs to 98% with the main job's steps
   assert ablation["colour"] >= 0.9 and ablation["sound"] >= 0.9, ablation
-  assert ablation["direction"] <= 0.4, ablation  # order is what it lacks
+  assert ablation["direction"] <= 0.36, ablation  # order is what it lacks: chance, within 2.5 sd of 100 videos
+
+
+@pytest.mark.skipif(os.environ.get("VLLAMA_JAX_LEARNS") != "1",
+                    reason="11 minutes of training; set VLLAMA_JAX_LEARNS=1 to run it")
+def test_main_job_reaches_its_goal_and_direction_needs_frame_positions(tmp_path):
+  accuracy, reading, ablation = run_pair(tmp_path, "test")
+  assert min(reading.values()) >= 0.95, reading
+  assert accuracy["colour"] >= 0.9 and accuracy["sound"] >= 0.9, accuracy
+  assert accuracy["direction"] >= 0.9, accuracy
+  assert ablation["colour"] >= 0.9 and ablation["sound"] >= 0.9, ablation
+  assert ablation["direction"] <= 0.4, ablation

@@ -54,6 +54,9 @@ def data_config(config, train: bool) -> DataConfig:
 def make_loader(config, train: bool = True) -> Mixer:
   """The mixed training loader, or (train=False) a mixer that reads the held-out splits in turn."""
   cfg = data_config(config, train)
+  if cfg.features_dir:
+    from vllama_jax.data.frozen_features import FrozenFeatures
+    FrozenFeatures(cfg.features_dir).check_weights(config.init_dir)
   loaders: list[Loader] = []
   ratios = []
   for spec in config.data.datasets:

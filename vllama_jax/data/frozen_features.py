@@ -162,6 +162,12 @@ class FrozenFeatures:
                         f"{' with' if s['audio'] else ' without'} audio; the data config needs {num_frames} "
                         f"frames of {size} px{' with' if audio else ' without'} audio")
 
+  def check_weights(self, init_dir: str) -> None:
+    s = self.settings
+    if fingerprint(init_dir, s["video"], s["audio"]) != s["weights"]:
+      raise ConfigError(f"frozen features {self.directory} were computed from other frozen encoder weights than "
+                        f"those in {init_dir}; build them again")
+
   def require(self, records, train: bool) -> None:
     """ConfigError unless every video record can be read from here."""
     videos = [r for r in records if r.get("media_type") == "video" and not r.get("broken")]
