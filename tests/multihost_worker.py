@@ -23,6 +23,7 @@ GLOBAL_BATCH = 4
 def make_config(base: str, steps: int, batch_size: int):
   """The quick synthetic config on the data and start directory the parent prepared in `base`."""
   from vllama_jax.cli import load_config_file
+  from vllama_jax.train import synthetic_job
   config = load_config_file(CONFIG + ":quick")
   data_dir = os.path.join(base, "data")
   with config.unlocked():
@@ -34,6 +35,7 @@ def make_config(base: str, steps: int, batch_size: int):
     config.progress = False
     config.checkpoint.every = 100  # only the end save
     config.data.batch_size = batch_size
+    config.data.features_dir = synthetic_job.features_dir(data_dir, config.init_dir)  # the parent's setup built them
     for spec in config.data.datasets:  # as synthetic_job.setup points them
       spec.update(ann=os.path.join(data_dir, "annotations", "train", "qa.json"),
                   media=os.path.join(data_dir, "videos"))

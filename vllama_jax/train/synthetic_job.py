@@ -145,8 +145,7 @@ def setup(config, workdir: str, log=print) -> str:
     if config.synthetic.get("cache", False) and not config.data.cache_dir:
       config.data.cache_dir = os.path.join(data_dir, "cache")
     if config.synthetic.get("frozen_features", False) and not config.data.get("features_dir"):
-      start = hashlib.sha256(os.path.abspath(config.init_dir).encode()).hexdigest()[:12]
-      config.data.features_dir = os.path.join(data_dir, "frozen_features", start)
+      config.data.features_dir = features_dir(data_dir, config.init_dir)
   if main and config.synthetic.get("cache", False):
     from vllama_jax.data.build import data_config
     from vllama_jax.data.cache import video_paths
@@ -158,6 +157,13 @@ def setup(config, workdir: str, log=print) -> str:
   if main and config.data.get("features_dir"):
     _frozen_features(config, log)
   return data_dir
+
+
+def features_dir(data_dir: str, init_dir: str) -> str:
+  """Where the job keeps the frozen features of `init_dir`'s encoders (one directory per start directory,
+  so that runs sharing the data, like the ablation, share them)."""
+  start = hashlib.sha256(os.path.abspath(init_dir).encode()).hexdigest()[:12]
+  return os.path.join(data_dir, "frozen_features", start)
 
 
 def _frozen_features(config, log) -> None:
