@@ -45,16 +45,7 @@ def hf_llama(tmp_path_factory, name, seed=0, save=True, safe_serialization=True,
   return model, directory
 
 
-# pyproject's `--dist loadfile --no-loadscope-reorder` hands each xdist worker whole files in this order:
-# the synthetic training run (minutes) first; then two files of quick tests (a worker starts with two files:
-# the other worker takes the first, the one with the long run gets the second queued behind it); then the
-# longest files, so that none of them is left for the end while the other worker idles.
-FIRST = ("test_synthetic_learns.py", "test_config.py", "test_conversation.py", "test_multihost.py", "test_train_loop.py",
-         "test_notebook.py", "test_chat.py", "test_llama_parity.py", "test_imagebind.py")
-
-
 def pytest_collection_modifyitems(config, items):
-  def rank(item):
-    name = os.path.basename(item.path)
-    return FIRST.index(name) if name in FIRST else len(FIRST)
-  items.sort(key=rank)
+  """The synthetic training run takes several minutes: start it first, so that the rest of the suite runs
+  beside it on the other worker instead of after it."""
+  items.sort(key=lambda item: "test_synthetic_learns" not in item.nodeid)
