@@ -168,6 +168,17 @@ class OurStep:
     self.state = init_train_state(params, optimizer)
     self.batch = jax.device_put(batch)
 
+  def from_features(self, optimizer) -> "OurStep":
+    """The same step from the same start on the batch's frozen features (as `data.features_dir` feeds
+    it): the frames' encodings computed once, here, and only the trainable rest run per step."""
+    other = OurStep.__new__(OurStep)
+    other.__dict__.update(self.__dict__)
+    _, params, _ = split_trainable(self.model, "vl")
+    other.state = init_train_state(params, optimizer)
+    features = self.frozen_encoders()()
+    other.batch = {k: v for k, v in self.batch.items() if k != "frames"} | {"frame_features": features}
+    return other
+
   def __call__(self) -> float:
     self.state, m = self.step(self.state, self.batch)
     jax.block_until_ready(self.state)
@@ -219,15 +230,20 @@ def main(argv=None) -> int:
   losses["torch"].append(ref())
   ours_frozen = ours.frozen_encoders()
   ours_frozen()
+  featured = ours.from_features(optimizer)
+  losses["ours from features"] = [featured(), featured()]
 
   record = lambda side, fn: lambda: losses[side].append(fn())  # noqa: E731
   times = median_times({"ours": record("ours", ours), "torch": record("torch", ref),
-                        "ours frozen": ours_frozen, "torch frozen": ref.frozen_encoders}, args.repeats)
-  o, t = np.array(losses["ours"]), np.array(losses["torch"])
+                        "ours frozen": ours_frozen, "torch frozen": ref.frozen_encoders,
+                        "ours from features": record("ours from features", featured)}, args.repeats)
+  o, t, f = (np.array(losses[k]) for k in ("ours", "torch", "ours from features"))
   rel = np.abs(o - t) / np.abs(t)
+  rel_features = np.abs(f - o).max() / np.abs(o).max()
   print(f"check: loss step 1 ours {o[0]:.6f} torch {t[0]:.6f}, step 2 {o[1]:.6f} / {t[1]:.6f}; max relative "
         f"difference over all {len(o)} steps {rel.max():.1e} ({'ok' if rel.max() <= TOLERANCE else 'FAILS'} "
-        f"at {TOLERANCE:g}); {targets} target tokens per step")
+        f"at {TOLERANCE:g}); {targets} target tokens per step; from frozen features: {rel_features:.1e} "
+        f"from ours, step by step ({'ok' if rel_features <= TOLERANCE else 'FAILS'})")
 
   peak = metrics.peak_flops_per_device()
   b = args.batch
@@ -238,7 +254,10 @@ def main(argv=None) -> int:
           ("  frozen encoders (forward)", times["ours frozen"], times["torch frozen"],
            "EVA + ln_vision + image Q-Former, timed alone"),
           ("  the rest", times["ours"] - times["ours frozen"], times["torch"] - times["torch frozen"],
-           "step - frozen: video Q-Former and LLaMA forward + backward, AdamW")]
+           "step - frozen: video Q-Former and LLaMA forward + backward, AdamW"),
+          ("ours from frozen features", times["ours from features"], times["torch"],
+           "data.features_dir (augment off): the encoders run once per video, not per step; the "
+           "reference has no such mode")]
   for name, ot, tt, note in rows:
     print(f"{name:27s} ours {ot * 1e3:8.0f} ms  torch {tt * 1e3:8.0f} ms  ratio {tt / ot:5.2f}  {note}")
   print(f"MFU (ours): {flops / times['ours'] / peak:.1%} of the measured fp32 matmul rate {peak / 1e9:.1f} GFLOP/s; "
@@ -246,7 +265,8 @@ def main(argv=None) -> int:
         f"counted, as train.py's MFU counts them)")
   ratio = times["torch"] / times["ours"]
   print(f"target: ours >= 1.5x the PyTorch step: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'not met'})")
-  return 0 if rel.max() <= TOLERANCE else 1
+  print(f"  with frozen features: {times['torch'] / times['ours from features']:.2f}x (not like for like)")
+  return 0 if max(rel.max(), rel_features) <= TOLERANCE else 1
 
 
 if __name__ == "__main__":
