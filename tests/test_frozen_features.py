@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from video_fixtures import write_video  # noqa: E402
+from video_fixtures import BROKEN_VIDEOS as BROKEN, synthetic_with_broken_videos  # noqa: E402
 
 from vllama_jax.cli import load_config_file  # noqa: E402
-from vllama_jax.data import SampleBuilder, collate, synthetic, videochat_records, webvid_records  # noqa: E402
+from vllama_jax.data import SampleBuilder, collate, videochat_records, webvid_records  # noqa: E402
 from vllama_jax.data.build import data_config, make_loader  # noqa: E402
 from vllama_jax.data.frozen_features import FrozenFeatures, build_features  # noqa: E402
 from vllama_jax.errors import ConfigError  # noqa: E402
@@ -27,19 +27,13 @@ from vllama_jax.train.step import make_eval_step  # noqa: E402
 from vllama_jax.train.trainable import split_trainable  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py")
-BROKEN = {"missing": "missing file", "bad": "corrupt media", "short": "short video", "silent": "no audio"}
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
   """The quick synthetic config over 4 good and 4 broken videos, from a random start directory."""
   root = tmp_path_factory.mktemp("features")
-  data = synthetic.generate(root / "syn", num_train=4, num_test=1, seed=0, workers=1)
-  videos = data / "videos"
-  (videos / "train" / "bad.mp4").write_bytes(b"\x00not a video" * 50)
-  write_video(videos / "train" / "short.mp4", num_frames=5, width=48, height=40)
-  write_video(videos / "train" / "silent.mp4", num_frames=20, width=48, height=40)
-  names = [f"train_{i:05d}" for i in range(4)] + list(BROKEN)
+  videos, names = synthetic_with_broken_videos(root / "syn")
   qa = [{"video": f"train/{n}.mp4", "QA": [{"q": "What moves?", "a": f"It is {n}."},
                                            {"q": "And the sound?", "a": "A tone."}]} for n in names]
   (root / "qa.json").write_text(json.dumps(qa))

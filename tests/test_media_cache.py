@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from video_fixtures import write_video  # noqa: E402
+from video_fixtures import synthetic_with_broken_videos  # noqa: E402
 
 from vllama_jax.data import DataConfig, SampleBuilder, loader, videochat_records, webvid_records  # noqa: E402
-from vllama_jax.data import synthetic  # noqa: E402
 from vllama_jax.data.decode import load_video_indices  # noqa: E402
 from vllama_jax.data.media_cache import MediaCache, build_cache, pool_indices  # noqa: E402
 from vllama_jax.errors import ConfigError  # noqa: E402
@@ -25,7 +24,6 @@ from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
 S = 64
 BASE = dict(batch_size=2, size=S, num_query_tokens=4, shard_index=0, shard_count=1, num_threads=2,
             prefetch=2, augment=False)
-EXTRA = ("missing", "bad", "short", "silent")  # -> missing file, corrupt media, short video, no audio
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,7 @@ def media(tmp_path_factory):
   root = tmp_path_factory.mktemp("media")
   tok = str(root / "tok")
   write_tokenizer(tok)
-  data = synthetic.generate(root / "syn", num_train=4, num_test=1, seed=0, workers=1)
-  videos = data / "videos"
-  (videos / "train" / "bad.mp4").write_bytes(b"\x00not a video" * 50)
-  write_video(videos / "train" / "short.mp4", num_frames=5, width=48, height=40)
-  write_video(videos / "train" / "silent.mp4", num_frames=20, width=48, height=40)
-  names = [f"train_{i:05d}" for i in range(4)] + list(EXTRA)
+  videos, names = synthetic_with_broken_videos(root / "syn")
   qa = [{"video": f"train/{n}.mp4", "QA": [{"q": "What?", "a": f"It is {n}."}]} for n in names]
   (root / "qa.json").write_text(json.dumps(qa))
   (root / "anno").mkdir()

@@ -98,3 +98,18 @@ def decode_all(path):
   """Every frame of the first video stream, in decoding order, as PyAV VideoFrames."""
   with av.open(str(path)) as container:
     return list(container.decode(video=0))
+
+
+# What each broken video beside a synthetic dataset is skipped as ("missing" is named but not written).
+BROKEN_VIDEOS = {"missing": "missing file", "bad": "corrupt media", "short": "short video", "silent": "no audio"}
+
+
+def synthetic_with_broken_videos(directory):
+  """A 4 + 1 video synthetic dataset in `directory` with BROKEN_VIDEOS beside its training videos;
+  returns (its videos directory, the training names: the 4 good ones, then the broken ones)."""
+  from vllama_jax.data import synthetic
+  videos = synthetic.generate(directory, num_train=4, num_test=1, seed=0, workers=1) / "videos"
+  (videos / "train" / "bad.mp4").write_bytes(b"\x00not a video" * 50)
+  write_video(videos / "train" / "short.mp4", num_frames=5, width=48, height=40)
+  write_video(videos / "train" / "silent.mp4", num_frames=20, width=48, height=40)
+  return videos, [f"train_{i:05d}" for i in range(4)] + list(BROKEN_VIDEOS)
