@@ -12,7 +12,7 @@ audio (not in the paper, which trains the branches one after the other). The var
 direction falls to chance while colour and sound do not. `test` / `test_no_frame_positions` are the
 same runs without the evaluations along the way, scored on 100 held-out videos; `ci` /
 `ci_no_frame_positions` are a shorter pair sized for CI (stage 0 on batches of 16, 400 vision steps of
-32 stills, 400 Q-Former steps); both pairs run in tests/test_synthetic_learns.py.
+32 stills, 500 Q-Former steps); both pairs run in tests/test_synthetic_learns.py.
 `quick` is a smoke run of a few steps.
 """
 
@@ -59,7 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.progress = False
   if variant.startswith("ci"):
     c.synthetic.update(num_test=100, text_batch_size=16, vision_steps=400, vision_batch_size=32)
-    c.optimizer.iters_per_epoch = 400
+    c.optimizer.iters_per_epoch = 500
   if variant == "quick":  # a smoke run for tests: few steps, few samples
     c.synthetic.update(num_train=24, num_test=8, text_steps=8, text_batch_size=8, vision_steps=4,
                        vision_batch_size=8, vision_clips=8)

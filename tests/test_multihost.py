@@ -54,9 +54,10 @@ def _env(base, devices: int | None) -> dict:
   # The persistent compilation cache lets a restarted process 0 skip compiling the step (only
   # process 0 writes it, and the other processes' keys differ: they compile again).
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"))
-  env.pop("XLA_FLAGS", None)  # conftest's eight devices are for this process only
+  # conftest's eight devices are for this process only; its unoptimised kernels (faster compiles) for all
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   return env
 
 
