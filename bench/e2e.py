@@ -156,6 +156,12 @@ def tensors(triples) -> dict:
 
 def build(args, video_cfg, audio_cfg, workdir):
   """(torch parts, converted directory), following tests/test_video_llama_e2e.py's `sources`."""
+  parts, paths = write_sources(args, video_cfg, audio_cfg, workdir)
+  return parts, convert(paths, video_cfg, audio_cfg, os.path.join(workdir, "converted"))
+
+
+def write_sources(args, video_cfg, audio_cfg, workdir):
+  """(torch parts, the released files' paths): the reference modules and the files they are saved as."""
   video = TorchVideoBranch(video_cfg, seed=20).eval()
   with torch.no_grad():  # eva_vit_g.pth is stored in fp16: the reference runs on the rounded weights
     for name, p in video.vision.named_parameters():
@@ -203,8 +209,12 @@ def build(args, video_cfg, audio_cfg, workdir):
       "audio_position_embedding.weight": positions,
       "audio_llama_proj.weight": audio_proj.weight.detach(), "audio_llama_proj.bias": audio_proj.bias.detach()}
   torch.save({"model": al}, paths["AL.pth"])
+  audio = dict(imagebind=imagebind, qformer=audio_qformer, tokens=audio_tokens, positions=positions, proj=audio_proj)
+  return dict(video=video, audio=audio, llama=llama), paths
 
-  out = os.path.join(workdir, "converted")
+
+def convert(paths, video_cfg, audio_cfg, out, dtype="float32"):
+  """convert_weights.main on the released files into `out`, frozen parts in `dtype`."""
   # convert_weights converts the release configs; here they are the reduced ones (as the e2e test does)
   saved = VideoBranchConfig.__dict__["release"], AudioBranchConfig.__dict__["release"]
   VideoBranchConfig.release = classmethod(lambda cls, h, **kw: video_cfg.replace(llm_hidden_size=h, **kw))
@@ -213,13 +223,12 @@ def build(args, video_cfg, audio_cfg, workdir):
     code = convert_weights.main([
         "--llama", paths[LLAMA_DIR], "--eva", paths["eva_vit_g.pth"], "--blip2", paths["blip2_pretrained_flant5xxl.pth"],
         "--vl-ckpt", paths["VL.pth"], "--imagebind", paths["imagebind_huge.pth"], "--al-ckpt", paths["AL.pth"],
-        "--out", out, "--dtype", "float32"])
+        "--out", out, "--dtype", dtype])
   finally:
     VideoBranchConfig.release, AudioBranchConfig.release = saved
   if code != 0:
     raise SystemExit("conversion failed")
-  audio = dict(imagebind=imagebind, qformer=audio_qformer, tokens=audio_tokens, positions=positions, proj=audio_proj)
-  return dict(video=video, audio=audio, llama=llama), out
+  return out
 
 
 class Clock:

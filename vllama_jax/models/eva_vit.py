@@ -104,8 +104,8 @@ class PatchEmbed(nnx.Module):
     gh, gw = h // p, w // p
     kernel = self.kernel[...]
     patches = pixels[:, :gh * p, :gw * p].astype(kernel.dtype).reshape(b, gh, p, gw, p, c)
-    tokens = jnp.einsum("bhywxc,yxco->bhwo", patches, kernel) + self.bias[...]
-    return tokens.reshape(b, gh * gw, -1), (gh, gw)
+    tokens = jnp.einsum("bhywxc,yxco->bhwo", patches, kernel, preferred_element_type=jnp.float32) + self.bias[...]
+    return tokens.astype(kernel.dtype).reshape(b, gh * gw, -1), (gh, gw)
 
 
 class EvaAttention(nnx.Module):

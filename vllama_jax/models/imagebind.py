@@ -155,7 +155,8 @@ class Stem(nnx.Module):
     """x (N, H, W, C) -> (N, gh * gw, width)."""
     kernel = self.kernel[...]
     y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (self.stride, self.stride), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     preferred_element_type=jnp.float32).astype(kernel.dtype)
     return y.reshape(y.shape[0], -1, y.shape[-1])
 
 
