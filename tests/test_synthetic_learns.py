@@ -27,7 +27,7 @@ import pytest
 
 from vllama_jax.cli import load_config_file
 from vllama_jax.data import synthetic
-from vllama_jax.train.synthetic_vision import render_stills
+from vllama_jax.train.synthetic_vision import held_out_stills
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def stage0_reading(log: str) -> dict[str, float]:
   return {k: float(v) / 100 for k, v in re.findall(r"(\w+) ([\d.]+)%", line.split(":", 1)[1])}
 
 
-def held_out_stills(log: str) -> dict[str, float]:
+def stills_scores(log: str) -> dict[str, float]:
   """The vision tower's held-out still-frame scores, as the job logs them."""
   [line] = [line for line in log.splitlines() if "held-out stills:" in line]
   found = re.search(r"colour ([\d.]+)%, shape ([\d.]+)%, centre within ([\d.]+) px", line)
@@ -59,8 +59,8 @@ def held_out_stills(log: str) -> dict[str, float]:
 
 def constant_guess_px(variant: str) -> float:
   """The centre error of one constant guess on the stills the job scores its vision tower on."""
-  s = load_config_file(os.path.join(ROOT, "configs", f"synthetic.py:{variant}")).synthetic
-  centres = render_stills(max(s.vision_clips // 10, 8), s.seed + 1)[3]
+  config = load_config_file(os.path.join(ROOT, "configs", f"synthetic.py:{variant}"))
+  centres = held_out_stills(config.synthetic.vision_clips, config.seed)[3]
   return float(np.mean(np.abs(centres - centres.mean(0))) * synthetic.SIZE / 2)
 
 
@@ -75,7 +75,7 @@ def run_pair(tmp_path, variant):
 
 def test_short_run_learns_direction_and_sound_and_direction_needs_frame_positions(tmp_path):
   accuracy, log, ablation = run_pair(tmp_path, "ci")
-  stills = held_out_stills(log)
+  stills = stills_scores(log)
   assert stills["colour"] >= 0.9 and stills["centre_px"] < 0.8 * constant_guess_px("ci"), stills
   assert set(stage0_reading(log)) == {"colour", "shape", "direction", "sound"}
   assert accuracy["colour"] >= 0.9 and accuracy["sound"] >= 0.9, accuracy

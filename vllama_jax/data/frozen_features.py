@@ -162,9 +162,13 @@ class FrozenFeatures:
                         f"{' with' if s['audio'] else ' without'} audio; the data config needs {num_frames} "
                         f"frames of {size} px{' with' if audio else ' without'} audio")
 
-  def check_weights(self, init_dir: str) -> None:
+  def computed_from(self, init_dir: str) -> bool:
+    """Whether these features are of the frozen encoder weights now in `init_dir`."""
     s = self.settings
-    if fingerprint(init_dir, s["video"], s["audio"]) != s["weights"]:
+    return fingerprint(init_dir, s["video"], s["audio"]) == s["weights"]
+
+  def check_weights(self, init_dir: str) -> None:
+    if not self.computed_from(init_dir):
       raise ConfigError(f"frozen features {self.directory} were computed from other frozen encoder weights than "
                         f"those in {init_dir}; build them again")
 

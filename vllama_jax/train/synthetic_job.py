@@ -169,12 +169,10 @@ def features_dir(data_dir: str, init_dir: str) -> str:
 def _frozen_features(config, log) -> None:
   """The frozen encoders' outputs for every video; rebuilt when the start directory's encoders changed
   (a cache of this job's own, in its data directory)."""
-  from vllama_jax.data.frozen_features import INDEX, FrozenFeatures, build_features, fingerprint
+  from vllama_jax.data.frozen_features import INDEX, FrozenFeatures, build_features
   directory = config.data.features_dir
-  if os.path.isfile(os.path.join(directory, INDEX)):
-    s = FrozenFeatures(directory).settings
-    if s["weights"] != fingerprint(config.init_dir, s["video"], s["audio"]):
-      shutil.rmtree(directory)
+  if os.path.isfile(os.path.join(directory, INDEX)) and not FrozenFeatures(directory).computed_from(config.init_dir):
+    shutil.rmtree(directory)
   start = time.time()
   build_features(config, directory)
   log(f"  frozen encoders' outputs for every video ({time.time() - start:.0f} s): {directory}")

@@ -44,6 +44,11 @@ def render_stills(count: int, seed: int, frames_per_clip: int = 4):
           np.concatenate(centres).astype(np.float32))
 
 
+def held_out_stills(clips: int, seed: int):
+  """The stills `pretrain_vision(clips=clips, seed=seed)` scores the tower on (render_stills' arrays)."""
+  return render_stills(max(clips // 10, 8), seed + 1)
+
+
 class _Head(nnx.Module):
   """Linear read-outs of the flattened image Q-Former queries: colour, shape, centre (x, y)."""
 
@@ -60,7 +65,7 @@ def pretrain_vision(branch, *, steps: int, batch_size: int, lr: float, seed: int
   """Trains `branch.visual_encoder` and `branch.qformer` in place; returns held-out still-frame
   metrics (colour / shape accuracy, centre error in pixels)."""
   frames, colours, shapes, centres = render_stills(clips, seed)
-  test = render_stills(max(clips // 10, 8), seed + 1)
+  test = held_out_stills(clips, seed)
   q = branch.config.image_qformer
   head = _Head(q.num_query_tokens * q.hidden_size, rngs=nnx.Rngs(seed))
   tower = {name: getattr(branch, name) for name in TOWER}
