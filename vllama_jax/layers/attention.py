@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -20,12 +22,52 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   # (B, T, H, D) contraction 3-4x more slowly.
   q = q.reshape(b, tq, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # (B, KV, G, Tq, D)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, Tk, D)
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+    mask = jnp.broadcast_to(mask, (b, tq, k.shape[2]))[:, None, None]
+  out = _attention(q, k, v, mask, scale)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
+
+
+def _scores(q, k, mask, scale):
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  return scores if mask is None else jnp.where(mask, scores, MASK_VALUE)
+
+
+def _dot(spec, a, b, dtype):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, scale):
+  """softmax(q kᵀ scale) v in the heads-first layout, with the backward written out (below)."""
+  return _attention_fwd(q, k, v, mask, scale)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale):
+  probs = jax.nn.softmax(_scores(q, k, mask, scale), axis=-1).astype(v.dtype)
+  out = _dot("bkgqs,bksd->bkgqd", probs, v, v.dtype)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _attention_bwd(scale, residuals, d_out):
+  """The softmax's backward needs rowsum(dprobs * probs), which equals rowsum(d_out * out): a sum over
+  the head dimension instead of over every key (FlashAttention's trick), and the sum over keys of the
+  (queries, keys) matrix is what XLA:CPU ran slowest in autodiff's backward."""
+  q, k, v, mask, probs, out = residuals
+  d_out = d_out.astype(v.dtype)
+  d_v = _dot("bkgqs,bkgqd->bksd", probs, d_out, v.dtype)
+  d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_scores = probs.astype(jnp.float32) * (d_probs - delta) * scale
+  if mask is not None:  # masked scores were constants: a row with no visible key gets no gradient
+    d_scores = jnp.where(mask, d_scores, 0.0)
+  d_scores = d_scores.astype(q.dtype)
+  d_q = _dot("bkgqs,bksd->bkgqd", d_scores, k, q.dtype)
+  d_k = _dot("bkgqs,bkgqd->bksd", d_scores, q, k.dtype)
+  return d_q, d_k, d_v, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def causal_mask(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array) -> jax.Array:

@@ -1,0 +1,54 @@
+"""dot_product_attention's hand-written backward against autodiff of the textbook formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vllama_jax.layers.attention import causal_mask, dot_product_attention
+
+
+def textbook(q, k, v, mask, scale):
+  """softmax(q kᵀ scale) v per head, keys and values repeated for grouped queries; fp32 throughout."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(a.astype(jnp.float32), groups, axis=2) for a in (k, v))
+  scores = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k) * scale
+  if mask is not None:
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def inputs(dtype, seed=0):
+  b, t, heads, kv_heads, d = 2, 9, 4, 2, 8
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, heads, d))
+  k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], (b, t, heads, d))
+  return [a.astype(dtype) for a in (q, k, v)], cotangent
+
+
+def left_padded_causal_mask(b=2, t=9):
+  slots = jnp.arange(t)
+  valid = jnp.ones((b, t), bool).at[0, :2].set(False)  # row 0 is left-padded: its queries 0-1 see no key
+  return causal_mask(jnp.broadcast_to(slots, (b, t)), slots, valid)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_gradients_match_autodiff_of_the_formula(masked, dtype, rtol):
+  (q, k, v), cotangent = inputs(dtype)
+  mask = left_padded_causal_mask() if masked else None
+  scale = 0.3
+
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(attention(q, k, v, mask, scale).astype(jnp.float32) * cotangent)
+
+  got = jax.jit(jax.grad(loss(dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(textbook), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    assert g.dtype == dtype, name
+    w = np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
+  if masked:  # queries with no visible key are constants of the keys: nothing flows back from them
+    lonely = jax.grad(lambda k: jnp.sum(dot_product_attention(q, k, v, mask, scale)[0, :2].astype(jnp.float32)))(k)
+    assert not np.any(np.asarray(lonely, np.float32))
