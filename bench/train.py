@@ -30,9 +30,9 @@ layer and EVA block included; the count train.py's MFU uses) over this machine's
 rate (`metrics.peak_flops_per_device`).
 
 Bound: the step's largest matmul (EVA's MLP input projection, every frame's tokens at once) timed alone
-in fp32 with each library, in turns with the steps. A step cannot run its matmul FLOPs faster than the
-faster of the two rates, so torch step time / (FLOPs / that rate) bounds the ratio any implementation
-of the same fp32 step can reach on this machine.
+with each library, in turns with the steps. A step cannot run its matmul FLOPs faster than the faster
+of the two fp32 rates, so torch step time / (FLOPs / that rate) bounds the ratio any implementation of
+the same fp32 step can reach on this machine. With the bf16 rows the same matmul is timed in bf16 too.
 
   python bench/train.py            # reduced config (printed); a few minutes on 2 idle CPU cores
   python bench/train.py --quick    # tiny smoke configuration
@@ -58,6 +58,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from timing import median_times  # noqa: E402
+from vllama_jax.layers.linear import matmul as matmul_ours  # noqa: E402
 from vllama_jax.pretrained import load_video_llama  # noqa: E402
 from vllama_jax.train import metrics  # noqa: E402
 from vllama_jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer  # noqa: E402
@@ -229,15 +230,20 @@ class OurStep:
     return lambda: features(state, self.batch["frames"]).block_until_ready()
 
 
-def gemm_rates(m: int, k: int, n: int):
-  """Blocking fp32 (m, k) @ (k, n) calls, JAX and PyTorch, on the same random operands."""
+def gemm_rates(m: int, k: int, n: int, bf16: bool = False):
+  """Blocking (m, k) @ (k, n) calls, JAX and PyTorch, on the same random operands: fp32, and with `bf16`
+  bf16 operands too (accumulated in fp32 and rounded once, as our `Linear` and torch's bf16 mm run them)."""
   rng = np.random.default_rng(0)
   a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-  ja, jb = jax.device_put(a), jax.device_put(b)
-  matmul = jax.jit(jnp.matmul)
-  matmul(ja, jb).block_until_ready()
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  return {"ours gemm": lambda: matmul(ja, jb).block_until_ready(), "torch gemm": lambda: torch.mm(ta, tb)}
+  calls = {}
+  for name, jdtype, tdtype in (("", jnp.float32, torch.float32), (" bf16", jnp.bfloat16, torch.bfloat16))[:1 + bf16]:
+    ja, jb = jax.device_put(a).astype(jdtype), jax.device_put(b).astype(jdtype)
+    matmul = jax.jit(matmul_ours)
+    matmul(ja, jb).block_until_ready()
+    ta, tb = torch.from_numpy(a).to(tdtype), torch.from_numpy(b).to(tdtype)
+    calls |= {f"ours gemm{name}": lambda f=matmul, x=ja, y=jb: f(x, y).block_until_ready(),
+              f"torch gemm{name}": lambda x=ta, y=tb: torch.mm(x, y)}
+  return calls
 
 
 def main(argv=None) -> int:
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
   tokens_per_frame = (v.image_size // v.patch_size) ** 2 + 1
   gemm = (args.batch * args.frames * tokens_per_frame, v.width, v.mlp_dim)
   if not args.quick:  # at tiny widths a lone matmul measures dispatch, not a rate
-    contenders |= gemm_rates(*gemm)
+    contenders |= gemm_rates(*gemm, bf16=args.bf16)
   times = median_times(contenders, args.repeats)
   o, t, f = (np.array(losses[k]) for k in ("ours", "torch", "ours from features"))
   rel = np.abs(o - t) / np.abs(t)
@@ -352,11 +358,17 @@ def main(argv=None) -> int:
           f"{fastest * 1e3:.0f} ms, so no fp32 step beats PyTorch's by more than {times['torch'] / fastest:.2f}x here "
           f"(PyTorch's step runs its matmuls at {fastest / times['torch']:.0%} of that rate, ours at "
           f"{fastest / times['ours']:.0%})")
+    if args.bf16:
+      half = {side: gemm_flops / times[f"{side} gemm bf16"] for side in ("ours", "torch")}
+      print(f"bf16 matmul, the same shape: ours {half['ours'] / 1e9:.1f}, torch {half['torch'] / 1e9:.1f} GFLOP/s "
+            f"(PyTorch's {half['torch'] / half['ours']:.1f}x faster: this caps the bf16 rows)")
   ratio = times["torch"] / times["ours"]
   print(f"target: ours >= 1.5x the PyTorch step: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'not met'})")
   print(f"  with frozen features: {times['torch'] / times['ours from features']:.2f}x (not like for like)")
   if args.bf16:
     print(f"  with the frozen weights in bf16 on both sides: {times['torch bf16'] / times['ours bf16']:.2f}x")
+  elif cpu_has_bf16_units():
+    print("  (no bf16 rows: --no-bf16)")
   else:
     print("  (no bf16 rows: this CPU has no bf16 units; --bf16 adds them)")
   return 0 if max(rel.max(), rel_features) <= TOLERANCE and rel_half <= HALF_TOLERANCE else 1
