@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vllama_jax.layers.linear import einsum_rounded
+
 # A large finite negative rather than -inf: a row with no visible key (left padding) then gets a
 # uniform softmax instead of NaNs, and its output is ignored downstream.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -33,10 +35,6 @@ def _scores(q, k, mask, scale):
   return scores if mask is None else jnp.where(mask, scores, MASK_VALUE)
 
 
-def _dot(spec, a, b, dtype):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, mask, scale):
   """softmax(q kᵀ scale) v in the heads-first layout, with the backward written out (below)."""
@@ -45,7 +43,7 @@ def _attention(q, k, v, mask, scale):
 
 def _attention_fwd(q, k, v, mask, scale):
   probs = jax.nn.softmax(_scores(q, k, mask, scale), axis=-1).astype(v.dtype)
-  out = _dot("bkgqs,bksd->bkgqd", probs, v, v.dtype)
+  out = einsum_rounded("bkgqs,bksd->bkgqd", probs, v, v.dtype)
   return out, (q, k, v, mask, probs, out)
 
 
@@ -55,15 +53,15 @@ def _attention_bwd(scale, residuals, d_out):
   (queries, keys) matrix is what XLA:CPU ran slowest in autodiff's backward."""
   q, k, v, mask, probs, out = residuals
   d_out = d_out.astype(v.dtype)
-  d_v = _dot("bkgqs,bkgqd->bksd", probs, d_out, v.dtype)
+  d_v = einsum_rounded("bkgqs,bkgqd->bksd", probs, d_out, v.dtype)
   d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_scores = probs.astype(jnp.float32) * (d_probs - delta) * scale
   if mask is not None:  # masked scores were constants: a row with no visible key gets no gradient
     d_scores = jnp.where(mask, d_scores, 0.0)
   d_scores = d_scores.astype(q.dtype)
-  d_q = _dot("bkgqs,bksd->bkgqd", d_scores, k, q.dtype)
-  d_k = _dot("bkgqs,bkgqd->bksd", d_scores, q, k.dtype)
+  d_q = einsum_rounded("bkgqs,bksd->bkgqd", d_scores, k, q.dtype)
+  d_k = einsum_rounded("bkgqs,bkgqd->bksd", d_scores, q, k.dtype)
   return d_q, d_k, d_v, None
 
 

@@ -51,10 +51,11 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   dtype, so that the backward dots are bf16 ones too, as autodiff of a bf16 dot gives. And autodiff's
   kernel gradient is a (out, in) product transposed afterwards, for which XLA:CPU first transposes the
   whole (tokens, out) cotangent: computing it as (in, out) directly halves its time in fp32 too."""
-  return _dot(x, kernel, "...i,io->...o", x.dtype)
+  return einsum_rounded("...i,io->...o", x, kernel, x.dtype)
 
 
-def _dot(a, b, spec, dtype):
+def einsum_rounded(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """jnp.einsum accumulated in fp32 and rounded once to `dtype` (see `matmul`)."""
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -71,8 +72,9 @@ def _matmul_bwd(residuals, g):
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     return None, None
   g = g.astype(x.dtype if x is not None else kernel.dtype)
-  dx = None if kernel is None else _dot(g, kernel, "...o,io->...i", g.dtype)
-  dkernel = None if x is None else _dot(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), "ni,no->io", g.dtype)
+  dx = None if kernel is None else einsum_rounded("...o,io->...i", g, kernel, g.dtype)
+  dkernel = None if x is None else einsum_rounded("ni,no->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                                                  g.dtype)
   return dx, dkernel
 
 
