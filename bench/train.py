@@ -33,6 +33,8 @@ Bound: the step's largest matmul (EVA's MLP input projection, every frame's toke
 with each library, in turns with the steps. A step cannot run its matmul FLOPs faster than the faster
 of the two fp32 rates, so torch step time / (FLOPs / that rate) bounds the ratio any implementation of
 the same fp32 step can reach on this machine. With the bf16 rows the same matmul is timed in bf16 too.
+EVA's self-attention is also timed alone (fp32, every frame at once), ours against PyTorch's fused
+scaled_dot_product_attention: the part of the frozen encoders' gap that is not matmul rate.
 
   python bench/train.py            # reduced config (printed); a few minutes on 2 idle CPU cores
   python bench/train.py --quick    # tiny smoke configuration
@@ -58,6 +60,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from timing import median_times  # noqa: E402
+from vllama_jax.layers.attention import dot_product_attention  # noqa: E402
 from vllama_jax.layers.linear import matmul as matmul_ours  # noqa: E402
 from vllama_jax.pretrained import load_video_llama  # noqa: E402
 from vllama_jax.train import metrics  # noqa: E402
@@ -246,6 +249,18 @@ def gemm_rates(m: int, k: int, n: int, bf16: bool = False):
   return calls
 
 
+def attention_calls(frames: int, tokens: int, heads: int, head_dim: int):
+  """EVA's self-attention alone on the step's shape (every frame at once, no mask), fp32: our
+  `dot_product_attention` jitted, and PyTorch's `scaled_dot_product_attention` (its fused CPU kernel)."""
+  x = np.random.default_rng(0).standard_normal((frames, tokens, heads, head_dim), dtype=np.float32)
+  jx = jax.device_put(x)
+  ours = jax.jit(lambda q: dot_product_attention(q, q, q, None))
+  ours(jx).block_until_ready()
+  tx = torch.from_numpy(x).transpose(1, 2).contiguous()  # (frames, heads, tokens, head_dim)
+  return {"ours attention": lambda: ours(jx).block_until_ready(),
+          "torch attention": lambda: torch.nn.functional.scaled_dot_product_attention(tx, tx, tx)}
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   video_cfg, audio_cfg = e2e.configs(args)
@@ -309,6 +324,8 @@ def main(argv=None) -> int:
   gemm = (args.batch * args.frames * tokens_per_frame, v.width, v.mlp_dim)
   if not args.quick:  # at tiny widths a lone matmul measures dispatch, not a rate
     contenders |= gemm_rates(*gemm, bf16=args.bf16)
+    attention_shape = (args.batch * args.frames, tokens_per_frame, v.heads, v.width // v.heads)
+    contenders |= attention_calls(*attention_shape)
   times = median_times(contenders, args.repeats)
   o, t, f = (np.array(losses[k]) for k in ("ours", "torch", "ours from features"))
   rel = np.abs(o - t) / np.abs(t)
@@ -358,6 +375,10 @@ def main(argv=None) -> int:
           f"{fastest * 1e3:.0f} ms, so no fp32 step beats PyTorch's by more than {times['torch'] / fastest:.2f}x here "
           f"(PyTorch's step runs its matmuls at {fastest / times['torch']:.0%} of that rate, ours at "
           f"{fastest / times['ours']:.0%})")
+    f, t_, h, d = attention_shape
+    print(f"EVA attention alone, fp32 ({f} frames x {h} heads x {t_} tokens x {d}): ours "
+          f"{times['ours attention'] * 1e3:.0f} ms, torch {times['torch attention'] * 1e3:.0f} ms (its fused SDPA kernel); "
+          f"{4 * f * h * t_ * t_ * d / 1e9:.1f} GFLOP, once per EVA block in the step's forward")
     if args.bf16:
       half = {side: gemm_flops / times[f"{side} gemm bf16"] for side in ("ours", "torch")}
       print(f"bf16 matmul, the same shape: ours {half['ours'] / 1e9:.1f}, torch {half['torch'] / 1e9:.1f} GFLOP/s "
