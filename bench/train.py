@@ -375,10 +375,10 @@ def main(argv=None) -> int:
           f"{fastest * 1e3:.0f} ms, so no fp32 step beats PyTorch's by more than {times['torch'] / fastest:.2f}x here "
           f"(PyTorch's step runs its matmuls at {fastest / times['torch']:.0%} of that rate, ours at "
           f"{fastest / times['ours']:.0%})")
-    f, t_, h, d = attention_shape
-    print(f"EVA attention alone, fp32 ({f} frames x {h} heads x {t_} tokens x {d}): ours "
+    frames, tokens, heads, head_dim = attention_shape
+    print(f"EVA attention alone, fp32 ({frames} frames x {heads} heads x {tokens} tokens x {head_dim}): ours "
           f"{times['ours attention'] * 1e3:.0f} ms, torch {times['torch attention'] * 1e3:.0f} ms (its fused SDPA kernel); "
-          f"{4 * f * h * t_ * t_ * d / 1e9:.1f} GFLOP, once per EVA block in the step's forward")
+          f"{4 * frames * heads * tokens ** 2 * head_dim / 1e9:.1f} GFLOP, once per EVA block in the step's forward")
     if args.bf16:
       half = {side: gemm_flops / times[f"{side} gemm bf16"] for side in ("ours", "torch")}
       print(f"bf16 matmul, the same shape: ours {half['ours'] / 1e9:.1f}, torch {half['torch'] / 1e9:.1f} GFLOP/s "
