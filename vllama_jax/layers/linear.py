@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -33,25 +34,31 @@ class Linear(nnx.Module):
     self.kernel = param(rngs, kernel_init, (in_features, out_features), dtype, names)
     self.bias = param(rngs, bias_init, (out_features,), dtype, names[1:]) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """`out_dtype` (default: the kernel's) is the output's dtype; float32 keeps bf16 logits unrounded."""
     kernel = self.kernel[...]
     x = x.astype(kernel.dtype)
-    y = matmul(x, kernel)
+    y = matmul(x, kernel, out_dtype)
     if self.bias is not None:
       y = y + self.bias[...]
     return y
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x @ kernel accumulated in fp32 and rounded once to the operands' dtype, forward and backward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, kernel: jax.Array, out_dtype=None) -> jax.Array:
+  """x @ kernel accumulated in fp32 and rounded once to `out_dtype` (default: the operands' dtype); the
+  backward's products take the cotangent in the operands' dtype and round to it too.
 
   Written out for XLA:CPU, on two counts. Its AMX / bf16 kernels only take a bf16 dot that returns fp32
   (one returning bf16 runs about 3x slower), and the custom VJP keeps the cotangents in the operands'
   dtype, so that the backward dots are bf16 ones too, as autodiff of a bf16 dot gives. And autodiff's
   kernel gradient is a (out, in) product transposed afterwards, for which XLA:CPU first transposes the
-  whole (tokens, out) cotangent: computing it as (in, out) directly halves its time in fp32 too."""
-  return einsum_rounded("...i,io->...o", x, kernel, x.dtype)
+  whole (tokens, out) cotangent: computing it as (in, out) directly halves its time in fp32 too.
+
+  With bf16 operands and a float32 output (the LM head's logits), the cotangent is rounded to bf16 before
+  the backward's products, as a bf16 / fp16 PyTorch LM head computes them; autodiff of the fp32-output
+  dot would instead copy the whole (hidden, vocab) kernel to fp32 and run an fp32 product."""
+  return einsum_rounded("...i,io->...o", x, kernel, out_dtype or x.dtype)
 
 
 def einsum_rounded(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
@@ -59,15 +66,15 @@ def einsum_rounded(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _matmul_fwd(x, kernel):
+def _matmul_fwd(x, kernel, out_dtype):
   # Called with symbolic zeros: `perturbed` says which operand is differentiated. Only what a wanted
   # gradient needs is saved (x for the kernel's, the kernel for x's), and the None left in the other
   # place tells the backward to skip that product: a frozen layer costs no kernel-gradient matmul.
-  out = matmul(x.value, kernel.value)
+  out = matmul(x.value, kernel.value, out_dtype)
   return out, (x.value if kernel.perturbed else None, kernel.value if x.perturbed else None)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(out_dtype, residuals, g):
   x, kernel = residuals
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     return None, None

@@ -128,9 +128,7 @@ class Llama(nnx.Module):
     return jnp.take(self.embed_tokens[...], input_ids, axis=0)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    kernel = self.lm_head.kernel[...]
-    logits = jnp.einsum("...h,hv->...v", self.norm(hidden).astype(kernel.dtype), kernel,
-                        preferred_element_type=jnp.float32)
+    logits = self.lm_head(self.norm(hidden), out_dtype=jnp.float32)
     return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
 
   def _run_layers(self, x, cos, sin, mask, cache=None):
