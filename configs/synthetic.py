@@ -34,6 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.steps = 0  # 0: max_epoch * iters_per_epoch
   c.accum_steps = 1
   c.remat = False
+  c.scan_layers = True  # False: the LLaMA's layers as a list (slower compiles; faster bf16 steps on XLA:CPU)
   c.video_options = ml_collections.ConfigDict({"use_frame_positions": not variant.endswith("no_frame_positions")})
   c.synthetic = ml_collections.ConfigDict(dict(
       data_dir="", cache=True, frozen_features=True, num_train=1000, num_test=200, seed=0, vocab_size=512,

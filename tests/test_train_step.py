@@ -8,6 +8,7 @@ import torch
 from flax import nnx
 
 from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+from vllama_jax.pretrained import unstack_layers
 from vllama_jax.sharding import make_mesh
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import init_train_state, make_eval_step, make_train_step
@@ -169,3 +170,20 @@ def test_sharded_step_matches_single_device(setup, plain_run):
   np.testing.assert_allclose(losses, plain_run[0], rtol=1e-5)
   for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_llama_layers_as_a_list_train_as_the_scanned_ones(setup, plain_run):
+  """A config's `scan_layers=False`: the frozen LLaMA's layers as a list, the same steps."""
+  graphdef, trainable, frozen, optimizer = setup
+  model = nnx.merge(graphdef, trainable, frozen)
+  model.llama = unstack_layers(model.llama, make_mesh((1, 1, 1), jax.devices()[:1]))
+  graphdef, trainable, frozen = split_trainable(model, "vl")
+  assert not model.llama.config.scan_layers and count_params(trainable) == count_params(setup[1])
+  step = make_train_step(graphdef, frozen, optimizer, "video", dropout=False)
+  state, losses = init_train_state(trainable, optimizer), []
+  for seed in (0, 1):
+    state, metrics = step(state, make_batch(seed))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses, plain_run[0], rtol=1e-6)
+  for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
+    np.testing.assert_allclose(ours, ref, atol=1e-6)

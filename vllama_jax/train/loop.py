@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
   model = load_video_llama(config.init_dir, mesh, audio=mode != "video", vision_tower=mode == "audio_vision",
-                           scan_layers=True, remat=config.get("remat", False),
+                           scan_layers=config.get("scan_layers", True), remat=config.get("remat", False),
                            video_options=dict(config.get("video_options", {})))
   graphdef, params, frozen = split_trainable(model, config.trainable if isinstance(config.trainable, str)
                                              else tuple(config.trainable))

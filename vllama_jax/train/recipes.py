@@ -61,6 +61,7 @@ def stage_config(stage: str, variant: str = "vicuna-7b") -> ml_collections.Confi
   c.steps = 0
   c.accum_steps = 1
   c.remat = False
+  c.scan_layers = True  # False: the LLaMA's layers as a list (slower compiles; faster bf16 steps on XLA:CPU)
   c.video_options = ml_collections.ConfigDict({"use_frame_positions": True})
   c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=-1,
                                                  process_id=-1))
