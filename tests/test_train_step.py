@@ -67,11 +67,23 @@ def plain_run(setup):
   """Two steps without dropout on one device: (losses, params) that other setups must reproduce."""
   graphdef, trainable, frozen, optimizer = setup
   step = make_train_step(graphdef, frozen, optimizer, "video", dropout=False)
-  state, losses = init_train_state(trainable, optimizer), []
+  losses, state = two_steps(step, init_train_state(trainable, optimizer))
+  return losses, numpy_tree(state.params)
+
+
+def two_steps(step, state):
+  """(losses, state) after the steps on batches 0 and 1."""
+  losses = []
   for seed in (0, 1):
     state, metrics = step(state, make_batch(seed))
     losses.append(float(metrics["loss"]))
-  return losses, numpy_tree(state.params)
+  return losses, state
+
+
+def assert_same_run(losses, state, plain_run, tol):
+  np.testing.assert_allclose(losses, plain_run[0], rtol=tol)
+  for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
+    np.testing.assert_allclose(ours, ref, atol=tol)
 
 
 def test_only_trainables_change_and_have_optimizer_state(setup, train_step):
@@ -148,28 +160,17 @@ def test_loss_is_token_mean_cross_entropy(setup, plain_run):
 def test_accumulation_matches_full_batch(setup, plain_run):
   graphdef, trainable, frozen, optimizer = setup
   step = make_train_step(graphdef, frozen, optimizer, "video", accum_steps=2, dropout=False)
-  state, losses = init_train_state(trainable, optimizer), []
-  for seed in (0, 1):
-    state, metrics = step(state, make_batch(seed))
-    losses.append(float(metrics["loss"]))
-  np.testing.assert_allclose(losses, plain_run[0], rtol=1e-5)
-  for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+  assert_same_run(*two_steps(step, init_train_state(trainable, optimizer)), plain_run, 1e-5)
 
 
 def test_sharded_step_matches_single_device(setup, plain_run):
   graphdef, trainable, frozen, optimizer = setup
   mesh = make_mesh((2, 2, 2))
   step = make_train_step(graphdef, frozen, optimizer, "video", mesh, dropout=False)
-  state, losses = init_train_state(trainable, optimizer, mesh=mesh), []
-  for seed in (0, 1):
-    state, metrics = step(state, make_batch(seed))
-    losses.append(float(metrics["loss"]))
+  losses, state = two_steps(step, init_train_state(trainable, optimizer, mesh=mesh))
   specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
   assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
-  np.testing.assert_allclose(losses, plain_run[0], rtol=1e-5)
-  for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+  assert_same_run(losses, state, plain_run, 1e-5)
 
 
 def test_llama_layers_as_a_list_train_as_the_scanned_ones(setup, plain_run):
@@ -180,10 +181,4 @@ def test_llama_layers_as_a_list_train_as_the_scanned_ones(setup, plain_run):
   graphdef, trainable, frozen = split_trainable(model, "vl")
   assert not model.llama.config.scan_layers and count_params(trainable) == count_params(setup[1])
   step = make_train_step(graphdef, frozen, optimizer, "video", dropout=False)
-  state, losses = init_train_state(trainable, optimizer), []
-  for seed in (0, 1):
-    state, metrics = step(state, make_batch(seed))
-    losses.append(float(metrics["loss"]))
-  np.testing.assert_allclose(losses, plain_run[0], rtol=1e-6)
-  for ours, ref in zip(numpy_tree(state.params), plain_run[1]):
-    np.testing.assert_allclose(ours, ref, atol=1e-6)
+  assert_same_run(*two_steps(step, init_train_state(trainable, optimizer)), plain_run, 1e-6)
