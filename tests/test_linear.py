@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from vllama_jax.layers.linear import Linear
-from vllama_jax.train.flops import _sub_jaxprs, count_flops
+from vllama_jax.train.flops import sub_jaxprs, count_flops
 
 
 def loss_and_grads(layer, x, cotangent, out_dtype=None):
@@ -70,5 +70,5 @@ def test_float32_output_from_bf16_runs_only_bf16_products():
 def all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in _sub_jaxprs(eqn.params.values()):
+    for sub in sub_jaxprs(eqn.params.values()):
       yield from all_eqns(getattr(sub, "jaxpr", sub))

@@ -51,16 +51,17 @@ def jaxpr_flops(jaxpr: Jaxpr | ClosedJaxpr) -> int:
         times = params["length"]
       elif name == "shard_map":
         times = math.prod(params["mesh"].shape[a] for a in params.get("newly_manual_axes", ()))
-      total += times * sum(jaxpr_flops(sub) for sub in _sub_jaxprs(params.values()))
+      total += times * sum(jaxpr_flops(sub) for sub in sub_jaxprs(params.values()))
   return total
 
 
-def _sub_jaxprs(values) -> Iterator[Jaxpr | ClosedJaxpr]:
+def sub_jaxprs(values) -> Iterator[Jaxpr | ClosedJaxpr]:
+  """The jaxprs among an equation's parameter values (nested in tuples and lists too)."""
   for value in values:
     if isinstance(value, (Jaxpr, ClosedJaxpr)):
       yield value
     elif isinstance(value, (tuple, list)):
-      yield from _sub_jaxprs(value)
+      yield from sub_jaxprs(value)
 
 
 def _dot_flops(eqn) -> int:
