@@ -13,6 +13,7 @@ from video_fixtures import write_video  # noqa: E402
 
 from vllama_jax.data import (DataConfig, augment, image_caption_records, llava_records,  # noqa: E402
                              loader, mix, videochat_records, webvid_records)
+from vllama_jax.errors import NoUsableSample  # noqa: E402
 from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
 from vllama_jax.text.tokenizer import Tokenizer  # noqa: E402
 
@@ -116,6 +117,19 @@ def test_images_eval_fill_and_instructions(data):
   b = next(ld)
   assert b["frames"].shape == (2, 1, S, S, 3) and b["ids"].shape[1] in range(64, 513, 64)
   assert ld.counts["too long"] >= 1 and ld.counts["bad annotation"] >= 1
+
+
+def test_all_broken_shard_raises_instead_of_waiting(data):
+  root, tok = data
+  recs = image_caption_records(str(root / "cap.json"), str(root / "images"))[:4]
+  gone = [r | {"media": str(root / "nowhere" / f"{i}.jpg")} for i, r in enumerate(recs)]
+  with pytest.raises(NoUsableSample, match=r"8 records in a row.*'missing file': 8"):
+    next(loader(gone, tok, DataConfig(**BASE, seed=1)))
+  # one good record among four: runs of broken ones span epochs but stay under two passes
+  ld = loader(gone[:3] + recs[3:], tok, DataConfig(**BASE, seed=1))
+  for b in _take(ld, 4):
+    assert (b["weight"] == 1).all()
+  assert ld.counts["missing file"] >= 8
 
 
 def test_videochat_hint(data):

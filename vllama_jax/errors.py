@@ -15,3 +15,7 @@ class CheckpointError(VllamaError, ValueError):
 
 class PromptError(VllamaError, ValueError):
   """A prompt or conversation does not fit its template or its media inputs."""
+
+
+class NoUsableSample(VllamaError, RuntimeError):
+  """Every record of a dataset shard is broken (missing or corrupt media, bad annotations)."""

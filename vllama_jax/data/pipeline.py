@@ -25,6 +25,7 @@ import numpy as np
 
 from vllama_jax.data.samples import DataConfig, SampleBuilder
 from vllama_jax.data.text import IGNORE
+from vllama_jax.errors import NoUsableSample
 
 
 def _shard(cfg: DataConfig) -> tuple[int, int]:
@@ -65,11 +66,14 @@ def collate(rows: list[dict], batch_size: int, buckets: Sequence[int]) -> dict:
 
 class _BatchIterator(grain.DatasetIterator):
   """Groups good examples into batches; broken ones are counted into the next batch's "_broken"
-  (or, at the end of the data, into a last element holding only "_broken")."""
+  (or, at the end of the data, into a last element holding only "_broken"). `give_up_after`
+  broken records in a row (two passes over the shard: one whole shuffled epoch at least) raise
+  NoUsableSample instead of reading the repeated data forever."""
 
-  def __init__(self, parent, batch_size, buckets, drop_remainder):
+  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after):
     super().__init__(parent)
     self._batch_size, self._buckets, self._drop = batch_size, buckets, drop_remainder
+    self._give_up_after, self._broken_run = give_up_after, Counter()
 
   def __next__(self):
     rows, broken = [], Counter()
@@ -84,7 +88,14 @@ class _BatchIterator(grain.DatasetIterator):
         raise
       if element["broken"]:
         broken[element["broken"]] += 1
+        self._broken_run[element["broken"]] += 1
+        if self._broken_run.total() >= self._give_up_after:
+          raise NoUsableSample(
+              f"no usable sample in {self._broken_run.total()} records in a row, two passes over this "
+              f"shard's {self._give_up_after // 2} records; skipped as {dict(self._broken_run)}: check "
+              "the annotation file and the media directory")
       else:
+        self._broken_run.clear()
         rows.append(element)
     return collate(rows, self._batch_size, self._buckets) | {"_broken": dict(broken)}
 
@@ -96,9 +107,9 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 class _BatchDataset(grain.IterDataset):
-  def __init__(self, parent, batch_size, buckets, drop_remainder):
+  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after):
     super().__init__(parent)
-    self._args = (batch_size, tuple(buckets), drop_remainder)
+    self._args = (batch_size, tuple(buckets), drop_remainder, give_up_after)
 
   def __iter__(self):
     return _BatchIterator(self._parent.__iter__(), *self._args)
@@ -117,6 +128,7 @@ def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> gra
   ds = grain.MapDataset.source(list(records))[index::count]
   if len(ds) == 0:
     raise ValueError(f"shard {index} of {count} holds no records ({len(records)} in all)")
+  shard_size = len(ds)
   epochs = cfg.num_epochs if cfg.num_epochs is not None else (None if cfg.train else 1)
   if cfg.train:
     ds = ds.shuffle(seed=cfg.seed)
@@ -125,7 +137,8 @@ def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> gra
   ds = ds.map_with_index(builder)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                             prefetch_buffer_size=cfg.prefetch))
-  it = _BatchDataset(it, cfg.batch_size, buckets, drop_remainder=cfg.train)
+  it = _BatchDataset(it, cfg.batch_size, buckets, drop_remainder=cfg.train,
+                     give_up_after=2 * shard_size)
   if cfg.num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; a program without absl.app.run
