@@ -162,6 +162,9 @@ def test_truncation(tk):
   turns = T.llava_turns([{"from": "human", "value": "<image>" + long_q}, {"from": "gpt", "value": "x"}], (N,))
   ex = T.instruction_example(tok, turns, "vicuna", (N,), max_len=64)
   assert len(ex["ids"]) == 64 and (ex["source"] >= 0).sum() == N
+  # LLaMA-2: the instruction's length is counted before the cut, so all of the kept text is masked
+  ex = T.instruction_example(tok, turns, "llama_v2", (N,), max_len=64)
+  assert len(ex["ids"]) == 64 and (ex["labels"] == -100).all()
 
 
 def test_placeholder_count(tk):

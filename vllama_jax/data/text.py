@@ -46,8 +46,9 @@ def blip_caption(caption: str, max_words: int = 50) -> str:
   return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
-def _tok(tokenizer, text: str, max_len: int) -> list[int]:
-  """`tokenizer(text, max_length=max_len, truncation=True).input_ids`: BOS added, cut right."""
+def _tok(tokenizer, text: str, max_len: int | None = None) -> list[int]:
+  """`tokenizer(text, max_length=max_len, truncation=True).input_ids`: BOS added, cut right
+  (`tokenizer(text).input_ids` without max_len)."""
   return ([tokenizer.bos_id] + tokenizer.encode(text))[:max_len]
 
 
@@ -161,9 +162,10 @@ def llama2_example(tokenizer, turns, runs=(32,), max_len: int = 512) -> dict:
     parts = rnd.split(sep)
     if len(parts) != 2:
       break
-    instruction = len(_tok(tokenizer, parts[0] + sep, max_len)) - 2
+    # Untruncated lengths, as the reference's: a round longer than max_len stays masked to the cut.
+    instruction = len(_tok(tokenizer, parts[0] + sep)) - 2
     labels[cur:cur + max(instruction, 0)] = IGNORE
-    cur += len(_tok(tokenizer, rnd, max_len))
+    cur += len(_tok(tokenizer, rnd))
   labels[cur:] = IGNORE
   return _finish(tokenizer, ids, labels, runs, len(full), max_len)
 
