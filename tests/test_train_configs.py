@@ -2,10 +2,12 @@
 
 import os
 
+import jax
 import pytest
 from flax import nnx
 
 from vllama_jax.cli import load_config_file
+from vllama_jax.data.build import data_config
 from vllama_jax.config import llama_preset
 from vllama_jax.errors import ConfigError
 from vllama_jax.models.audio_branch import AudioBranchConfig
@@ -47,6 +49,15 @@ def test_stage_configs_carry_the_reference_hyperparameters(stage, variant):
     assert c.data.end_sym == "\n" and c.data.max_txt_len == 32
     assert [(d["format"], d["ratio"]) for d in c.data.datasets] == [("webvid", 100.0), ("image_caption", 24.0)]
   assert c.data.num_query_tokens == (8 if stage.startswith("al") else 32)
+
+
+def test_stage_batch_is_per_device_as_the_reference_per_gpu_batch():
+  stage = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
+  assert jax.local_device_count() == 8  # tests/conftest.py
+  assert data_config(stage, train=True).batch_size == 32 * 8
+  assert data_config(stage, train=False).batch_size == 32 * 8
+  synthetic = load_config_file(os.path.join(CONFIGS, "synthetic.py"))  # per process
+  assert data_config(synthetic, train=True).batch_size == synthetic.data.batch_size
 
 
 @pytest.mark.parametrize("size,hidden", [(0, 4096), (1, 5120)])

@@ -40,6 +40,9 @@ def records_of(spec, train: bool) -> list[dict]:
 
 
 def data_config(config, train: bool) -> DataConfig:
+  """`data.batch_size` / `eval_batch_size` are what each process feeds, or, with
+  `data.batch_per_device` (the stage recipes, whose reference figures are per GPU), what each of
+  its local devices gets."""
   d = config.data
   fields = {k: d[k] for k in DATA_FIELDS if k in d}
   fields["template"] = TEMPLATES.get(config.template, config.template)
@@ -48,6 +51,9 @@ def data_config(config, train: bool) -> DataConfig:
   fields["prompts"] = tuple(d.get("prompts", ()))
   if not train:
     fields["batch_size"] = d.get("eval_batch_size", d.batch_size)
+  if d.get("batch_per_device", False):
+    import jax
+    fields["batch_size"] *= jax.local_device_count()
   return DataConfig(**fields)
 
 

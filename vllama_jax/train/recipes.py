@@ -79,8 +79,9 @@ def stage_config(stage: str, variant: str = "vicuna-7b") -> ml_collections.Confi
   else:
     datasets = [_dataset("webvid", "webvid", 100.0), _dataset("cc595k", "image_caption", 24.0)]
     prompts, end_sym, max_txt_len = (), "\n", 32
+  # batch_size_train is per GPU in the reference (8 A100s, one process each): here per local device.
   c.data = ml_collections.ConfigDict(dict(
-      datasets=datasets, batch_size=batch, eval_batch_size=batch, num_frames=8, size=224,
+      datasets=datasets, batch_size=batch, eval_batch_size=batch, batch_per_device=True, num_frames=8, size=224,
       num_query_tokens=n_queries, max_len=512, max_txt_len=max_txt_len, end_sym=end_sym, prompts=prompts,
       bucket=64, augment=True, num_workers=4, num_threads=8, prefetch=8, cache_dir="", features_dir=""))
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, asynchronous=True))
