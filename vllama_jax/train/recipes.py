@@ -27,6 +27,9 @@ ALIGNMENT_PROMPTS = (
     "<Image><ImageHere></Image> Please provide a detailed description of the picture.",
     "<Image><ImageHere></Image> Could you describe the contents of this image for me?",
 )
+# The reference's LLaMA-2 caption template is commented out in its stage-2 YAML, as a single-quoted string
+# whose "\n" would stay backslash-n if uncommented (spec 3.2). Ours has real newlines: the header its
+# instruction path and the chat template render.
 PROMPT_TEMPLATES = {"vicuna": "###Human: {} ###Assistant: ", "llama_2": "[INST] <<SYS>>\n \n<</SYS>>\n\n{} [/INST] "}
 END_SYMBOLS = {"vicuna": "###", "llama_2": "</s>"}
 
