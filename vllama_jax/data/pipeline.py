@@ -188,7 +188,10 @@ def loader(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig, name: s
 class Mixer:
   """MultiIterLoader: each step draws one loader with probability proportional to its ratio
   (uniform without ratios) and takes a whole batch from it. The draw of step k depends only on
-  (seed, k), so a restored state continues identically."""
+  (seed, k), so a restored state continues identically, and every process makes the same draw.
+  The reference's GPUs draw independently; one SPMD step has one media shape (an image batch has
+  1 frame, a video batch 8), so here the whole global batch comes from one draw. Each dataset's
+  share of the samples is the same."""
 
   def __init__(self, loaders: Sequence[Loader], ratios: Sequence[float] | None = None,
                seed: int = 0):
