@@ -79,6 +79,10 @@ def test_unknown_or_mistyped_override_is_an_error():
     config.new_key = 1
   apply_override(config, "questions", "('a', 'b')")
   assert config.questions == ("a", "b")
+  stage = load_config_file("configs/vl_stage1.py")
+  assert stage.optimizer.clip_norm is None  # an unset key takes a Python literal
+  apply_override(stage, "optimizer.clip_norm", "1.0")
+  assert stage.optimizer.clip_norm == 1.0
   assert isinstance(config, ml_collections.ConfigDict)
 
 

@@ -67,8 +67,13 @@ def _parse_like(text: str, current, key: str):
     if text.lower() in ("false", "0", "no"):
       return False
     raise ConfigError(f"config key {key!r} expects true/false, got {text!r}")
-  if isinstance(current, str) or current is None:
+  if isinstance(current, str):
     return text
+  if current is None:  # unset: a Python literal ("1.0", "None", "(1, 2)"), else the text itself
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
