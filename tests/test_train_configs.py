@@ -79,3 +79,20 @@ def test_unknown_variant_and_override_keys_are_errors():
   c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
   with pytest.raises(ConfigError, match="optimizer has no 'init_learning_rate'"):
     apply_override(c, "optimizer.init_learning_rate", "1e-3")
+
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mode", "vision", "unknown training mode 'vision'"), ("trainable", "vl2", "unknown trainable stage"),
+    ("log_every", -1, r"log_every must be an integer >= 0 \(0: off\), got -1"),
+    ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
+    ("accum_steps", 0, "accum_steps must be an integer >= 1"), ("optimizer.lr", 1.0, "optimizer: .*'lr'")])
+def test_train_rejects_a_bad_config_before_loading_the_model(key, value, message, tmp_path):
+  from vllama_jax.train import loop
+  c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
+  *parent, leaf = key.split(".")
+  node = c[parent[0]] if parent else c
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=message):  # loading would fail next: init_dir is ""
+    loop.train(c, str(tmp_path))

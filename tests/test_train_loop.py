@@ -12,7 +12,7 @@ import pytest
 from vllama_jax.cli import load_config_file
 from vllama_jax.infer.chat import VideoChat
 from vllama_jax.pretrained import PARAMS_DIR
-from vllama_jax.train import loop, metrics, synthetic_job
+from vllama_jax.train import export, loop, metrics, synthetic_job
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py")
 STEPS = 6
@@ -27,7 +27,7 @@ def quick_config(base):
     config.eval.every = 0
     config.log_every = 1
     config.progress = False
-    config.checkpoint.every = 100  # only pre-emption and the end save
+    config.checkpoint.every = 0  # off: only pre-emption and the end save
   return config
 
 
@@ -71,6 +71,16 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(prepared, unint
   np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=1e-6, atol=0)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 1))
+  # the same command again: nothing to train, the export stays
+  again = loop.train(config, workdir, log=lambda *_: None)
+  assert again.step == STEPS and again.losses == [] and export.exported_step(again.export_dir) == STEPS
+  # one step more: the new export does not overwrite the one before
+  with config.unlocked():
+    config.steps = STEPS + 1
+  longer = loop.train(config, workdir, log=lambda *_: None)
+  assert longer.step == STEPS + 1 and len(longer.losses) == 1
+  assert export.exported_step(longer.export_dir) == STEPS + 1
+  assert export.exported_step(longer.export_dir + f"-step{STEPS}") == STEPS
 
 
 def test_export_loads_with_linked_frozen_weights_and_changed_trainables(prepared, uninterrupted):

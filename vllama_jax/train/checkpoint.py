@@ -62,7 +62,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state, *, force: bool = False) -> bool:
     """Saves when `step` is due (or `force`) and not saved yet; returns whether it did."""
-    if step == self.latest_step or not (force or step % self.every == 0):
+    if step == self.latest_step or not (force or (self.every and step % self.every == 0)):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(_encode_data_state(data_state)))

@@ -26,8 +26,36 @@ def _names(tree: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def export_trained(init_dir: str, params: nnx.State, directory: str, *, copy_frozen: bool = False) -> None:
-  """Writes `init_dir` with the parameters in `params` (a trainable split) replaced."""
+TRAINING_FILE = "training.json"  # {"step": the run's step at export, "init_dir": where it started}
+
+
+def exported_step(directory: str) -> int | None:
+  """The step an export was written at (None: no export there, or one without the record)."""
+  try:
+    with open(os.path.join(directory, TRAINING_FILE)) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def set_aside(directory: str) -> str | None:
+  """Renames a non-empty `directory` to `<directory>-step<N>` (`-previous` without a recorded step;
+  numbered if taken), so that a new export does not overwrite it. Returns the new name."""
+  if not (os.path.isdir(directory) and os.listdir(directory)):
+    return None
+  step = exported_step(directory)
+  base = f"{directory}-step{step}" if step is not None else f"{directory}-previous"
+  target, n = base, 1
+  while os.path.exists(target):
+    target, n = f"{base}.{n}", n + 1
+  os.rename(directory, target)
+  return target
+
+
+def export_trained(init_dir: str, params: nnx.State, directory: str, *, step: int | None = None,
+                   copy_frozen: bool = False) -> None:
+  """Writes `init_dir` with the parameters in `params` (a trainable split) replaced; `step` is
+  recorded in TRAINING_FILE."""
   init_dir = os.path.abspath(init_dir)
   source = os.path.join(init_dir, PARAMS_DIR)
   if not os.path.isdir(source):
@@ -51,6 +79,9 @@ def export_trained(init_dir: str, params: nnx.State, directory: str, *, copy_fro
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
       json.dump(config, f, indent=2)
     save_params(staging, tree)
+    if step is not None:
+      with open(os.path.join(staging, TRAINING_FILE), "w") as f:
+        json.dump({"step": int(step), "init_dir": init_dir}, f)
     for name in sorted(set(os.listdir(source)) - trained):
       src, dst = os.path.join(source, name), os.path.join(staging, PARAMS_DIR, name)
       if copy_frozen:

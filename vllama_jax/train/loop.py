@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 
 from vllama_jax import sharding
-from vllama_jax.errors import ConfigError
+from vllama_jax.errors import CheckpointError, ConfigError
 from vllama_jax.train import checkpoint, metrics
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
-from vllama_jax.train.step import init_train_state, make_eval_step, make_train_step
-from vllama_jax.train.trainable import count_params, split_trainable
+from vllama_jax.train.step import check_mode, init_train_state, make_eval_step, make_train_step
+from vllama_jax.train.trainable import count_params, resolve, split_trainable
 
 
 @dataclasses.dataclass
@@ -107,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   from vllama_jax.data.build import make_loader
   from vllama_jax.pretrained import load_video_llama
   initialize_distributed(config)
+  check_config(config)
   main, multi = jax.process_index() == 0, jax.process_count() > 1
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(tuple(config.mesh))
@@ -153,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         step += 1
         window.append(m)
         done_since_log += 1
-        if step % log_every == 0 or step == total:
+        if (log_every and step % log_every == 0) or step == total:
           values = _summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
@@ -186,9 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
     log_file.close()
     data.close()
   export_dir = os.path.join(workdir, "export")
-  export(config, graphdef, state.params, export_dir)
+  export(config, state.params, export_dir, int(state.step), log)
   if main:
-    log(f"exported the trained model to {export_dir}; skipped samples: {data.counts}")
+    log(f"skipped samples: {data.counts}")
   return RunResult(int(state.step), losses, eval_loss, export_dir, data.counts)
 
 
@@ -226,20 +227,53 @@ def evaluate(config, eval_step, params, mesh) -> float:
   return total / max(tokens, 1.0)
 
 
-def export(config, graphdef, params, directory: str) -> None:
-  """Writes the trained directory; with several processes, process 0 writes host copies of the
-  (gathered) parameters while the others wait."""
-  from vllama_jax.train.export import export_trained
-  if jax.process_count() == 1:
-    export_trained(config.init_dir, params, directory)
-    return
+def export(config, params, directory: str, step: int, log=print) -> None:
+  """Writes the trained directory, unless it already holds this step; an earlier export is moved
+  aside, not overwritten. With several processes, process 0 writes host copies of the (gathered)
+  parameters, and every process learns whether that worked (or the others would wait forever)."""
   from jax.experimental import multihost_utils
-  params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
+
+  from vllama_jax.train.export import export_trained, exported_step, set_aside
+  multi = jax.process_count() > 1
+  if multi:
+    params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
+  error = None
   if jax.process_index() == 0:
-    export_trained(config.init_dir, params, directory)
-  multihost_utils.sync_global_devices("vllama_jax export")
+    try:
+      if exported_step(directory) == step:
+        log(f"{directory} already holds the model of step {step}")
+      else:
+        moved = set_aside(directory)
+        if moved:
+          log(f"moved the earlier export to {moved}")
+        export_trained(config.init_dir, params, directory, step=step)
+        log(f"exported the trained model to {directory}")
+    except Exception as e:  # noqa: BLE001  (re-raised below, after every process has heard)
+      error = e
+  if multi:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).any()
+    if failed and error is None:
+      raise CheckpointError(f"process 0 could not export the trained model to {directory}; see its log")
+  if error is not None:
+    raise error
 
 
 def check_config(config) -> None:
-  if config.mode not in ("video", "audio_vision", "audio", "audio_video"):
-    raise ConfigError(f"mode {config.mode!r} is not one of video, audio_vision, audio, audio_video")
+  """What can be checked before the model loads (minutes at 7B): mode, trainable set, optimizer,
+  data fields and the step intervals (0: off). After `initialize_distributed`: the data fields
+  may count local devices."""
+  from vllama_jax.data.build import data_config
+  check_mode(config.mode)
+  resolve(config.trainable if isinstance(config.trainable, str) else tuple(config.trainable))
+  try:
+    OptimizerConfig(**config.optimizer.to_dict())
+  except TypeError as e:
+    raise ConfigError(f"optimizer: {e}") from None
+  data_config(config, train=True)
+  counts = {"log_every": (config.log_every, 0), "checkpoint.every": (config.checkpoint.every, 0),
+            "eval.every": (config.eval.every, 0), "checkpoint.keep": (config.checkpoint.keep, 1),
+            "accum_steps": (config.get("accum_steps", 1), 1)}
+  for key, (value, least) in counts.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ConfigError(f"{key} must be an integer >= {least}" + (" (0: off)" if least == 0 else "")
+                        + f", got {value!r}")

@@ -147,7 +147,7 @@ def _nll(graphdef, params, frozen, batch, mode, dropout, key):
   return token_nll(logits, batch["labels"], batch.get("weight"))
 
 
-def _check_mode(mode: str):
+def check_mode(mode: str):
   if mode not in MODES:
     raise ConfigError(f"unknown training mode {mode!r}; expected one of {MODES}")
 
@@ -194,7 +194,7 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, optimizer: Optimi
   metrics: loss (token mean), tokens, grad_norm (before clipping), lr, skipped (0/1).
   `dropout=False` runs the Q-Formers deterministically (for equivalence tests).
   """
-  _check_mode(mode)
+  check_mode(mode)
   if accum_steps < 1:
     raise ConfigError(f"accum_steps must be >= 1, got {accum_steps}")
   if mesh is not None:
@@ -275,7 +275,7 @@ def make_eval_step(graphdef: nnx.GraphDef, frozen: nnx.State, mode: str,
                    mesh: Mesh | None = None) -> Callable[[nnx.State, dict], dict]:
   """`evaluate(params, batch) -> {loss, nll_sum, tokens}`, deterministic; sum `nll_sum` and `tokens`
   over batches for a dataset-level token mean."""
-  _check_mode(mode)
+  check_mode(mode)
   if mesh is not None:
     frozen = jax.device_put(frozen, tree_shardings(frozen, mesh))
   off = {b: False for b in QFORMERS}
