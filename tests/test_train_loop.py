@@ -5,6 +5,7 @@ from the start directory; metrics and summaries are written."""
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +103,13 @@ def test_export_loads_with_linked_frozen_weights_and_changed_trainables(prepared
   video = os.path.join(config.synthetic.data_dir, "videos", "test", "test_00000.mp4")
   assert isinstance(trained.ask(video, "What colour is the shape?", greedy=True,
                                 sampling=trained.sampling(max_new_tokens=4)), str)
+
+
+def test_logged_loss_leaves_out_skipped_steps():
+  step = dict(lr=1e-4, grad_norm=1.0)
+  window = [step | dict(loss=2.0, skipped=0), step | dict(loss=float("nan"), skipped=1),
+            step | dict(loss=4.0, skipped=0)]
+  batch = {"ids": np.zeros((2, 8), np.int32), "attention_mask": np.ones((2, 8), np.int32)}
+  values = loop.summarise(window, batch, time.perf_counter() - 1.0, 10.0, 100.0, 3)
+  assert values["loss"] == 3.0 and values["skipped"] == 1
+  assert np.isnan(loop.summarise(window[1:2], batch, time.perf_counter() - 1.0, 10.0, 100.0, 1)["loss"])

@@ -155,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         window.append(m)
         done_since_log += 1
         if (log_every and step % log_every == 0) or step == total:
-          values = _summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
+          values = summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
           steps_done = values.pop("_steps")
@@ -193,13 +193,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   return RunResult(int(state.step), losses, eval_loss, export_dir, data.counts)
 
 
-def _summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
+def summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
+  """The logged values of a window of steps' metrics; the loss is the mean over the steps that updated."""
   fetched = jax.device_get(window)  # waits for the window's steps: dispatch runs ahead of them
   seconds = time.perf_counter() - since
+  kept = [m["loss"] for m in fetched if not m["skipped"]]  # a skipped step's loss is NaN/Inf, or 0 without targets
   rows = int(batch["ids"].shape[0])
   tokens = float(jnp.sum(batch["attention_mask"]))
   return {
-      "loss": float(np.mean([m["loss"] for m in fetched])),
+      "loss": float(np.mean(kept)) if kept else float("nan"),
       "lr": float(fetched[-1]["lr"]),
       "grad_norm": float(fetched[-1]["grad_norm"]),
       "skipped": int(sum(int(m["skipped"]) for m in fetched)),
