@@ -18,6 +18,7 @@ import sys
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py")
 GLOBAL_BATCH = 4
+ODD_EVAL = "eval_odd.json"  # 3 held-out records (the parent writes it): shards of 2 and 1 batches of 1
 
 
 def make_config(base: str, steps: int, batch_size: int):
@@ -38,8 +39,18 @@ def make_config(base: str, steps: int, batch_size: int):
     config.data.features_dir = synthetic_job.features_dir(data_dir, config.init_dir)  # the parent's setup built them
     for spec in config.data.datasets:  # as synthetic_job.setup points them
       spec.update(ann=os.path.join(data_dir, "annotations", "train", "qa.json"),
-                  media=os.path.join(data_dir, "videos"))
+                  media=os.path.join(data_dir, "videos"),
+                  eval_ann=os.path.join(data_dir, "annotations", "test", "qa.json"))
   return config
+
+
+def evaluate_odd_shards(config, base: str, steps: int) -> None:
+  """Held-out loss once, at the end, on ODD_EVAL's 3 records in batches of 1 (2 and 1 per process)."""
+  with config.unlocked():
+    config.eval.update(every=steps, batches=100)
+    config.data.eval_batch_size = 1
+    for spec in config.data.datasets:
+      spec["eval_ann"] = os.path.join(base, ODD_EVAL)
 
 
 class ConcatShards:
@@ -161,12 +172,14 @@ def main(argv=None) -> int:
       config.distributed = dict(enabled=True, coordinator_address=f"127.0.0.1:{args.port}",
                                 num_processes=n, process_id=args.process_id)
 
+  evaluate_odd_shards(config, args.base, args.steps)
   if args.sigterm_after is not None:
     preempt_after(args.sigterm_after)
   result = loop.train(config, args.workdir, log=lambda *a: print(*a, file=sys.stderr, flush=True))
   out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
          "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-         "step": result.step, "losses": result.losses, "export_dir": result.export_dir}
+         "step": result.step, "losses": result.losses, "export_dir": result.export_dir,
+         "eval_loss": result.eval_loss}
   with open(args.out, "w") as f:
     json.dump(out, f)
   if not args.baseline:

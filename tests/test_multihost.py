@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from multihost_worker import make_config  # noqa: E402 (tests/ is on sys.path under pytest)
+from multihost_worker import ODD_EVAL, make_config  # noqa: E402 (tests/ is on sys.path under pytest)
 from vllama_jax.pretrained import PARAMS_DIR
 from vllama_jax.train import synthetic_job
 
@@ -121,6 +121,10 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multihost")
   config = make_config(str(base), STEPS, 4)
   synthetic_job.setup(config, str(base / "setup"), log=lambda *_: None)  # data/ and init/ in base
+  with open(base / "data" / "annotations" / "test" / "qa.json") as f:
+    held_out = json.load(f)
+  with open(base / ODD_EVAL, "w") as f:
+    json.dump(held_out[:3], f)
   commands = _two_processes(base, str(base / "multi"), "process")
   commands["baseline"] = (_common(base) + ["--workdir", str(base / "single"), "--out", str(base / "baseline.json"),
                                            "--baseline"], _env(base, 2))
@@ -152,6 +156,8 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(runs):
   b = out["baseline"]
   assert (b["process_count"], b["device_count"], b["step"]) == (1, 2, STEPS)
   np.testing.assert_array_equal(out["process0"]["losses"], out["process1"]["losses"])  # one global loss
+  # held-out shards of 2 and 1 batches: evaluation ends for both after one, with one loss for both
+  assert out["process0"]["eval_loss"] == out["process1"]["eval_loss"] and np.isfinite(out["process0"]["eval_loss"])
   np.testing.assert_allclose(out["process0"]["losses"], b["losses"], rtol=1e-5, atol=0)
 
 

@@ -5,7 +5,7 @@
 
 Formats: "webvid" (CSV dir), "image_caption" (cc_sbu_align / CC595k JSON), "llava" (LLaVA-150k
 JSON), "videochat" (VideoChat-11k JSON). Training draws one dataset per step with probability
-proportional to its ratio; evaluation reads every dataset's `eval_ann` once.
+proportional to its ratio; evaluation reads every dataset's `eval_ann` once, one after the other.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def data_config(config, train: bool) -> DataConfig:
 
 
 def make_loader(config, train: bool = True) -> Mixer:
-  """The mixed training loader, or (train=False) a mixer that reads the held-out splits in turn."""
+  """The mixed training loader (train=False: a Mixer over the held-out loaders; `evaluate` reads
+  its `loaders` one after the other)."""
   cfg = data_config(config, train)
   if cfg.features_dir:
     from vllama_jax.data.frozen_features import FrozenFeatures
@@ -72,22 +73,4 @@ def make_loader(config, train: bool = True) -> Mixer:
       ratios.append(float(spec.get("ratio", 1.0)))
   if not loaders:
     raise ConfigError("no dataset has " + ("training" if train else "held-out (eval_ann)") + " annotations")
-  if train:
-    return Mixer(loaders, ratios, seed=config.seed)
-  return _Sequential(loaders)
-
-
-class _Sequential(Mixer):
-  """Every held-out dataset once, one after the other."""
-
-  def __init__(self, loaders):
-    super().__init__(loaders)
-    self._current = 0
-
-  def __next__(self) -> dict:
-    while self._current < len(self.loaders):
-      try:
-        return next(self.loaders[self._current])
-      except StopIteration:
-        self._current += 1
-    raise StopIteration
+  return Mixer(loaders, ratios, seed=config.seed)

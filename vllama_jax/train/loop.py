@@ -11,6 +11,7 @@ iterators, so a resumed run continues with exactly the losses an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -34,7 +35,7 @@ class RunResult:
   losses: list[float]  # every step's training loss, this process's run only
   eval_loss: float | None
   export_dir: str | None
-  broken: dict  # skipped samples by dataset and reason
+  broken: dict  # skipped samples by dataset and reason, summed over processes
 
 
 class _Stop:
@@ -81,7 +82,14 @@ def global_batch(batch: dict, mesh, stop_requested: bool = False) -> tuple[dict,
   if jax.process_count() == 1:
     return jax.device_put(batch, batch_shardings(batch, mesh)), stop_requested
   batch, stop_requested = _agree_across_processes(batch, stop_requested)
-  shardings = batch_shardings(batch, mesh)
+  # Shardings of the global shapes: from a process's rows alone, a global batch that splits over the
+  # mesh could look as if it did not, and be taken as replicated (each process's rows a whole copy).
+  rows = len(batch["ids"]) * jax.process_count()
+  shardings = batch_shardings({k: jax.ShapeDtypeStruct((rows,) + np.shape(v)[1:], np.asarray(v).dtype)
+                               for k, v in batch.items()}, mesh)
+  if shardings["ids"].spec[0] is None:
+    raise ConfigError(f"a global batch of {rows} rows ({len(batch['ids'])} per process) does not split over "
+                      f"the mesh's data x fsdp devices {dict(mesh.shape)}; choose batch sizes that do")
   arrays = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
   return arrays, stop_requested
 
@@ -125,6 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   if main:
     log(f"trainable {count_params(params):,} of {count_params(params) + count_params(frozen):,} parameters; "
         f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es)")
+    if multi and config.eval.get("generate", 0):
+      log("eval.generate is off with several processes (process 0 would generate on arrays that span them "
+          "all, alone); ask the export after training")
 
   data = make_loader(config, train=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -159,7 +170,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
           steps_done = values.pop("_steps")
-          log_file.write(step, "train", values | {"broken": sum(sum(c.values()) for c in data.counts.values())})
+          broken = sum(sum(c.values()) for c in summed_counts(data.counts).values())
+          log_file.write(step, "train", values | {"broken": broken})
           progress.update(steps_done, loss=values["loss"], lr=values["lr"],
                           samples_s=values["samples_per_s"], tokens_s=values["tokens_per_s"], mfu=values["mfu"])
         if eval_every and (step % eval_every == 0 or step == total):
@@ -167,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
           log_file.write(step, "eval", {"loss": eval_loss})
           if main:
             progress.write(f"step {step}: held-out loss {eval_loss:.4f}")
-          if config.eval.get("generate", 0) and main:
+          if config.eval.get("generate", 0) and not multi:
             from vllama_jax.train.evaluation import sample_answers
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
@@ -178,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
           ckpt.save(step, state, data.get_state(), force=True)
           if main:
             progress.write(f"stopped at step {step}; checkpoint saved in {ckpt.directory}")
-          return RunResult(step, losses, eval_loss, None, data.counts)
+          return RunResult(step, losses, eval_loss, None, summed_counts(data.counts))
       losses.extend(float(x["loss"]) for x in window)
       ckpt.save(step, state, data.get_state(), force=True)
   finally:
@@ -188,9 +200,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
     data.close()
   export_dir = os.path.join(workdir, "export")
   export(config, state.params, export_dir, int(state.step), log)
+  broken = summed_counts(data.counts)
   if main:
-    log(f"skipped samples: {data.counts}")
-  return RunResult(int(state.step), losses, eval_loss, export_dir, data.counts)
+    log(f"skipped samples: {broken}")
+  return RunResult(int(state.step), losses, eval_loss, export_dir, broken)
 
 
 def summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
@@ -213,20 +226,50 @@ def summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
 
 
 def evaluate(config, eval_step, params, mesh) -> float:
-  """Token-mean loss over the held-out split (at most `eval.batches` batches)."""
+  """Token-mean loss over the held-out split (at most `eval.batches` batches), its datasets one
+  after the other. Each process reads its own shard, and shards may differ by a batch: a dataset
+  ends for every process when one of them has no batch left, so that each step has them all."""
   from vllama_jax.data.build import make_loader
   data = make_loader(config, train=False)
-  total, tokens = 0.0, 0.0
+  total, tokens, done = 0.0, 0.0, 0
   try:
-    for i, batch in enumerate(data):
-      if i >= config.eval.batches:
-        break
-      out = eval_step(params, global_batch(batch, mesh)[0])
-      total += float(out["nll_sum"])
-      tokens += float(out["tokens"])
+    for held_out in data.loaders:
+      while done < config.eval.batches:
+        batch = next(held_out, None)
+        if not _everywhere(batch is not None):
+          break
+        out = eval_step(params, global_batch(batch, mesh)[0])
+        total += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+        done += 1
   finally:
     data.close()
   return total / max(tokens, 1.0)
+
+
+def summed_counts(counts: dict) -> dict:
+  """{dataset: {reason: n}} of this process's shards -> the same summed over every process."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(counts).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  total: dict = {}
+  for row, size in zip(np.asarray(multihost_utils.process_allgather(padded)), sizes):
+    for name, reasons in json.loads(row[:size].tobytes()).items():
+      for reason, n in reasons.items():
+        total.setdefault(name, {})[reason] = total.get(name, {}).get(reason, 0) + n
+  return total
+
+
+def _everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (one small allgather with several)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).all())
 
 
 def export(config, params, directory: str, step: int, log=print) -> None:
@@ -236,8 +279,7 @@ def export(config, params, directory: str, step: int, log=print) -> None:
   from jax.experimental import multihost_utils
 
   from vllama_jax.train.export import export_trained, exported_step, set_aside
-  multi = jax.process_count() > 1
-  if multi:
+  if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
   error = None
   if jax.process_index() == 0:
@@ -252,10 +294,8 @@ def export(config, params, directory: str, step: int, log=print) -> None:
         log(f"exported the trained model to {directory}")
     except Exception as e:  # noqa: BLE001  (re-raised below, after every process has heard)
       error = e
-  if multi:
-    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).any()
-    if failed and error is None:
-      raise CheckpointError(f"process 0 could not export the trained model to {directory}; see its log")
+  if not _everywhere(error is None) and error is None:
+    raise CheckpointError(f"process 0 could not export the trained model to {directory}; see its log")
   if error is not None:
     raise error
 
