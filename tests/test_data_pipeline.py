@@ -13,7 +13,7 @@ from video_fixtures import write_video  # noqa: E402
 
 from vllama_jax.data import (DataConfig, augment, image_caption_records, llava_records,  # noqa: E402
                              loader, mix, videochat_records, webvid_records)
-from vllama_jax.errors import NoUsableSample  # noqa: E402
+from vllama_jax.errors import ConfigError, NoUsableSample  # noqa: E402
 from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
 from vllama_jax.text.tokenizer import Tokenizer  # noqa: E402
 
@@ -177,6 +177,9 @@ def test_mix_ratios_and_state(data):
     _same(a, next(m2))
     assert ka == m2.last
   assert set(m.counts) == {"cap", "webvid"}
+  reordered = mix(m2.loaders[::-1])
+  with pytest.raises(ConfigError, match=r"for the datasets \['cap', 'webvid'\], the config has \['webvid', 'cap'\]"):
+    reordered.set_state(state)
 
 
 def test_worker_processes_match(data):

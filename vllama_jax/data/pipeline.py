@@ -25,7 +25,7 @@ import numpy as np
 
 from vllama_jax.data.samples import DataConfig, SampleBuilder
 from vllama_jax.data.text import IGNORE
-from vllama_jax.errors import NoUsableSample
+from vllama_jax.errors import ConfigError, NoUsableSample
 
 
 def _shard(cfg: DataConfig) -> tuple[int, int]:
@@ -220,9 +220,14 @@ class Mixer:
     return {l.name or str(i): dict(l.counts) for i, l in enumerate(self.loaders)}
 
   def get_state(self) -> dict:
-    return {"step": self.step, "loaders": [l.get_state() for l in self.loaders]}
+    return {"step": self.step, "loaders": [l.get_state() for l in self.loaders],
+            "names": [l.name for l in self.loaders]}
 
   def set_state(self, state: dict) -> None:
+    names = [l.name for l in self.loaders]
+    if state.get("names", names) != names or len(state["loaders"]) != len(names):
+      raise ConfigError(f"the saved data position is for the datasets {state.get('names')}, the config has "
+                        f"{names}; resume with the datasets of the run, or start a new workdir")
     self.step = state["step"]
     for l, s in zip(self.loaders, state["loaders"]):
       l.set_state(s)
