@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -256,12 +257,11 @@ def summed_counts(counts: dict) -> dict:
   sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:blob.size] = blob
-  total: dict = {}
+  total: dict[str, Counter] = {}
   for row, size in zip(np.asarray(multihost_utils.process_allgather(padded)), sizes):
     for name, reasons in json.loads(row[:size].tobytes()).items():
-      for reason, n in reasons.items():
-        total.setdefault(name, {})[reason] = total.get(name, {}).get(reason, 0) + n
-  return total
+      total.setdefault(name, Counter()).update(reasons)
+  return {name: dict(reasons) for name, reasons in total.items()}
 
 
 def _everywhere(flag: bool) -> bool:
@@ -312,10 +312,10 @@ def check_config(config) -> None:
   except TypeError as e:
     raise ConfigError(f"optimizer: {e}") from None
   data_config(config, train=True)
-  counts = {"log_every": (config.log_every, 0), "checkpoint.every": (config.checkpoint.every, 0),
+  intervals = {"log_every": (config.log_every, 0), "checkpoint.every": (config.checkpoint.every, 0),
             "eval.every": (config.eval.every, 0), "checkpoint.keep": (config.checkpoint.keep, 1),
             "accum_steps": (config.get("accum_steps", 1), 1)}
-  for key, (value, least) in counts.items():
+  for key, (value, least) in intervals.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise ConfigError(f"{key} must be an integer >= {least}" + (" (0: off)" if least == 0 else "")
                         + f", got {value!r}")
