@@ -44,6 +44,25 @@ def test_from_hf_errors_name_the_file_and_key(tmp_path):
     LlamaConfig.from_hf(tmp_path)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("hidden_act", "gelu"), ("tie_word_embeddings", True), ("attention_bias", True),
+    ("mlp_bias", True), ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+    ("head_dim", 32)])
+def test_from_hf_refuses_architecture_variants_it_would_run_wrongly(key, value):
+  hf = LLAMA_PRESETS["tiny"].replace(dtype="float32").to_hf()
+  assert LlamaConfig.from_hf(hf, dtype="float32") == LLAMA_PRESETS["tiny"].replace(dtype="float32")
+  with pytest.raises(ConfigError, match=f"config dict: {key}=.* is not supported"):
+    LlamaConfig.from_hf({**hf, key: value}, dtype="float32")
+
+
+def test_from_hf_reads_rope_theta_from_transformers_v5_rope_parameters():
+  hf = LLAMA_PRESETS["tiny"].to_hf()
+  del hf["rope_theta"]
+  hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+  assert LlamaConfig.from_hf(hf).rope_theta == 5e5
+
+
 def test_config_validation():
   with pytest.raises(ConfigError, match="not divisible by num_heads"):
     LLAMA_PRESETS["tiny"].replace(num_heads=5)

@@ -78,8 +78,7 @@ class LlamaConfig:
         raise ConfigError(f"{source}: missing key {key!r}, which a LLaMA config must have")
       return hf[key]
 
-    if hf.get("rope_scaling") not in (None, {}):
-      raise ConfigError(f"{source}: rope_scaling {hf['rope_scaling']!r} is not supported")
+    _reject_unsupported_architecture(hf, source)
     rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     num_heads = need("num_attention_heads")
     return cls(
@@ -118,6 +117,30 @@ class LlamaConfig:
         "pad_token_id": self.pad_token_id,
         "torch_dtype": self.dtype,
     }
+
+
+# Variants our decoder does not implement. Reading them would load without error and then give
+# wrong logits, so each is refused by name.
+_UNSUPPORTED = (
+    ("hidden_act", lambda v: v not in (None, "silu"), "only 'silu'"),
+    ("tie_word_embeddings", bool, "an untied lm_head"),
+    ("attention_bias", bool, "no attention biases"),
+    ("mlp_bias", bool, "no MLP biases"),
+    ("rope_scaling", lambda v: v not in (None, {}), "no rope_scaling"),
+    ("rope_parameters", lambda v: (v or {}).get("rope_type", "default") != "default",
+     "rope_type 'default'"),
+)
+
+
+def _reject_unsupported_architecture(hf: dict, source: str) -> None:
+  for key, unsupported, expected in _UNSUPPORTED:
+    if unsupported(hf.get(key)):
+      raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported; expected {expected}")
+  head_dim = hf.get("head_dim")
+  if head_dim is not None and "hidden_size" in hf and "num_attention_heads" in hf:
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+      raise ConfigError(f"{source}: head_dim={head_dim} is not supported; expected hidden_size / "
+                        f"num_attention_heads = {hf['hidden_size'] // hf['num_attention_heads']}")
 
 
 def _first_id(value, default: int) -> int:
