@@ -189,10 +189,8 @@ def _assert_trees_close(a, b):
 
 def _data_states(step_dir) -> list:
   """The data iterator state each process saved, in process order."""
-  import base64
-  import pickle
   with open(os.path.join(step_dir, "data", "metadata")) as f:
-    return [pickle.loads(base64.b64decode(b)) for b in json.load(f)["pickles"]]
+    return [json.loads(s) for s in json.load(f)["states"]]
 
 
 def test_the_saved_checkpoint_is_the_single_process_one(runs):

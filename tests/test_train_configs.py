@@ -86,7 +86,8 @@ def test_unknown_variant_and_override_keys_are_errors():
     ("mode", "vision", "unknown training mode 'vision'"), ("trainable", "vl2", "unknown trainable stage"),
     ("log_every", -1, r"log_every must be an integer >= 0 \(0: off\), got -1"),
     ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
-    ("accum_steps", 0, "accum_steps must be an integer >= 1"), ("optimizer.lr", 1.0, "optimizer: .*'lr'")])
+    ("accum_steps", 0, "accum_steps must be an integer >= 1"), ("optimizer.lr", 1.0, "optimizer: .*'lr'"),
+    ("init_dir", "gs://bucket/video-llama", "init_dir 'gs://bucket/video-llama': URLs are not supported")])
 def test_train_rejects_a_bad_config_before_loading_the_model(key, value, message, tmp_path):
   from vllama_jax.train import loop
   c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
@@ -96,3 +97,11 @@ def test_train_rejects_a_bad_config_before_loading_the_model(key, value, message
     node[leaf] = value
   with pytest.raises(ConfigError, match=message):  # loading would fail next: init_dir is ""
     loop.train(c, str(tmp_path))
+
+
+def test_train_refuses_a_url_workdir_that_would_become_a_local_folder():
+  from vllama_jax.train import loop
+  c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
+  with pytest.raises(ConfigError, match="workdir 'gs://bucket/runs/vl1': URLs are not supported"):
+    loop.train(c, "gs://bucket/runs/vl1")
+  assert not os.path.exists("gs:")

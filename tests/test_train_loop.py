@@ -4,6 +4,7 @@ from the start directory; metrics and summaries are written."""
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from vllama_jax.cli import load_config_file
+from vllama_jax.errors import ConfigError
 from vllama_jax.infer.chat import VideoChat
 from vllama_jax.pretrained import PARAMS_DIR
 from vllama_jax.train import export, loop, metrics, synthetic_job
@@ -75,13 +77,28 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(prepared, unint
   # the same command again: nothing to train, the export stays
   again = loop.train(config, workdir, log=lambda *_: None)
   assert again.step == STEPS and again.losses == [] and export.exported_step(again.export_dir) == STEPS
-  # one step more: the new export does not overwrite the one before
+  assert os.readlink(again.export_dir) == f"export-step{STEPS}"
+  # one step more: a new export beside the one before, which stays where later stages may link into it
   with config.unlocked():
     config.steps = STEPS + 1
   longer = loop.train(config, workdir, log=lambda *_: None)
   assert longer.step == STEPS + 1 and len(longer.losses) == 1
-  assert export.exported_step(longer.export_dir) == STEPS + 1
-  assert export.exported_step(longer.export_dir + f"-step{STEPS}") == STEPS
+  assert os.readlink(longer.export_dir) == f"export-step{STEPS + 1}"
+  assert export.exported_step(os.path.join(workdir, f"export-step{STEPS}")) == STEPS
+  # checkpoints deleted, the same command: a new run from scratch, whose export is its own
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  anew = loop.train(config, workdir, log=lambda *_: None)
+  np.testing.assert_allclose(anew.losses[:STEPS], full.losses, rtol=1e-6, atol=0)
+  assert os.readlink(anew.export_dir) == f"export-step{STEPS + 1}.1"
+  assert export.export_record(anew.export_dir)["run"] != export.export_record(os.path.join(workdir, f"export-step{STEPS + 1}"))["run"]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 2))
+  assert os.path.isfile(os.path.join(workdir, "metrics-previous.jsonl"))
+  # a changed setting is refused before anything loads, and the workdir stays as it was
+  with config.unlocked():
+    config.optimizer.init_lr *= 2
+  with pytest.raises(ConfigError, match="holds a run started with other settings"):
+    loop.train(config, workdir, log=lambda *_: None)
 
 
 def test_export_loads_with_linked_frozen_weights_and_changed_trainables(prepared, uninterrupted):

@@ -87,6 +87,10 @@ def _parse_like(text: str, current, key: str):
   return value
 
 
+CONFIG_HELP = ("--config FILE[:variant] (required) names the training config whose datasets are read; "
+               "--config.key=value overrides it")
+
+
 def parse_config_args(argv: Sequence[str], default_spec: str) -> tuple[ml_collections.ConfigDict, list[str]]:
   """Splits `--config ...` and `--config.key=value` arguments from the rest of `argv`."""
   spec, overrides, rest = default_spec, [], []

@@ -10,6 +10,15 @@ import tempfile
 from vllama_jax.errors import CheckpointError
 
 
+def free_name(path: str) -> str:
+  """`path`, or the first of `name.1.ext`, `name.2.ext`, ... that does not exist (nothing is overwritten)."""
+  root, ext = os.path.splitext(path)
+  target, n = path, 1
+  while os.path.lexists(target):
+    target, n = f"{root}.{n}{ext}", n + 1
+  return target
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str):
   """Yields a staging directory beside `out_dir`, renamed to `out_dir` only on success.

@@ -193,12 +193,16 @@ class FrozenFeatures:
 
 
 def main(argv=None) -> int:
-  from vllama_jax.cli import parse_config_args
+  from vllama_jax.cli import CONFIG_HELP, parse_config_args
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog="python -m vllama_jax.data.frozen_features",
-                                   description=__doc__.split("\n")[0])
+                                   description=__doc__.split("\n")[0],
+                                   epilog=CONFIG_HELP)
   parser.add_argument("--out", required=True, help="directory to write the features into")
   parser.add_argument("--batch_size", type=int, default=16, help="videos encoded at once")
+  if {"-h", "--help"} & set(argv):
+    parser.print_help()
+    return 0
   try:
     config, rest = parse_config_args(argv, "")
     args = parser.parse_args(rest)

@@ -8,6 +8,7 @@ Frozen weights are not saved: they come from the converted directory the run sta
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pickle
 
@@ -32,18 +33,21 @@ def _all_processes(blob: bytes) -> list[bytes]:
 
 
 def _encode_data_state(state) -> dict:
-  """Each process's iterator state (its own data shard), pickled in base64: orbax's JSON item is
-  written by process 0 alone, so it carries all of them."""
-  blobs = _all_processes(pickle.dumps(state))
-  return {"pickles": [base64.b64encode(b).decode("ascii") for b in blobs]}
+  """Each process's iterator state (its own data shard) as JSON text: orbax's JSON item is written
+  by process 0 alone, so it carries all of them. Grain's iterator states are JSON by design."""
+  return {"states": [b.decode() for b in _all_processes(json.dumps(state).encode())]}
 
 
-def _decode_data_state(saved: dict):
-  blobs = saved["pickles"]
-  if len(blobs) != jax.process_count():
-    raise CheckpointError(f"the checkpoint holds the data state of {len(blobs)} processes; this run has "
+def _decode_data_state(saved: dict, where: str):
+  if "pickles" in saved:  # written before 2026-12-03; a checkpoint of one's own, so unpickling is safe
+    saved = {"states": [pickle.loads(base64.b64decode(b)) for b in saved["pickles"]]}
+  else:
+    saved = {"states": [json.loads(s) for s in saved.get("states", [])]}
+  states = saved["states"]
+  if len(states) != jax.process_count():
+    raise CheckpointError(f"{where}: holds the data state of {len(states)} processes; this run has "
                           f"{jax.process_count()} (resume with the same number of processes)")
-  return pickle.loads(base64.b64decode(blobs[jax.process_index()]))
+  return states[jax.process_index()]
 
 
 class Checkpointer:
@@ -51,6 +55,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, every: int = 1000, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory}: exists and is not a directory; expected orbax checkpoints "
+                            "(one folder per saved step)")
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=asynchronous)
@@ -74,13 +81,20 @@ class Checkpointer:
     step = self.latest_step if step is None else step
     if step is None:
       raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+    where = os.path.join(self.directory, str(step))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return restored["state"], _decode_data_state(restored["data"], where)
+    except CheckpointError:
+      raise
     except Exception as e:
-      raise CheckpointError(f"{self.directory}: cannot restore step {step} ({type(e).__name__}: {e}); "
-                            "was it written by another config?") from None
-    return restored["state"], _decode_data_state(restored["data"])
+      others = [s for s in self.manager.all_steps() if s != step]
+      raise CheckpointError(
+          f"{where}: cannot restore it ({type(e).__name__}: {str(e)[:300]}). It is incomplete or corrupt, "
+          f"or was written by another config (different trainable set or shapes). Saved steps besides it: "
+          f"{others or 'none'}; move this step's folder out of {self.directory} to resume from the one "
+          "before, or start a new workdir") from None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -3,6 +3,9 @@
 The trained parameters are written anew; every frozen parameter is a symbolic link to the converted
 directory the run started from (`copy_frozen=True` copies them instead, for a self-contained
 directory). A later stage starts from this directory as it would from a converted one.
+
+The training loop writes each export to its own `workdir/export-step<N>` and points the link
+`workdir/export` at the newest, so that no export a later stage links into ever moves.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import shutil
 
 from flax import nnx
 
-from vllama_jax.convert.output import staged_output
+from vllama_jax.convert.output import free_name, staged_output
 from vllama_jax.errors import CheckpointError
 from vllama_jax.pretrained import CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILES, save_params
 
@@ -26,16 +29,23 @@ def _names(tree: dict, prefix: str = "") -> list[str]:
   return out
 
 
-TRAINING_FILE = "training.json"  # {"step": the run's step at export, "init_dir": where it started}
+TRAINING_FILE = "training.json"  # {"step", "run": the run id, "init_dir": where it started}
+
+
+def export_record(directory: str) -> dict:
+  """The TRAINING_FILE of an export ({} where there is none, or no export)."""
+  try:
+    with open(os.path.join(directory, TRAINING_FILE)) as f:
+      record = json.load(f)
+    return record if isinstance(record, dict) else {}
+  except (OSError, ValueError):
+    return {}
 
 
 def exported_step(directory: str) -> int | None:
   """The step an export was written at (None: no export there, or one without the record)."""
-  try:
-    with open(os.path.join(directory, TRAINING_FILE)) as f:
-      return int(json.load(f)["step"])
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
+  step = export_record(directory).get("step")
+  return int(step) if isinstance(step, int) else None
 
 
 def set_aside(directory: str) -> str | None:
@@ -44,18 +54,22 @@ def set_aside(directory: str) -> str | None:
   if not (os.path.isdir(directory) and os.listdir(directory)):
     return None
   step = exported_step(directory)
-  base = f"{directory}-step{step}" if step is not None else f"{directory}-previous"
-  target, n = base, 1
-  while os.path.exists(target):
-    target, n = f"{base}.{n}", n + 1
+  target = free_name(f"{directory}-step{step}" if step is not None else f"{directory}-previous")
   os.rename(directory, target)
   return target
 
 
+def point_link(link: str, target: str) -> None:
+  """Makes `link` a relative symbolic link to `target`, replaced atomically (never absent)."""
+  staging = free_name(f"{link}.linking")
+  os.symlink(os.path.relpath(target, os.path.dirname(os.path.abspath(link))), staging)
+  os.replace(staging, link)
+
+
 def export_trained(init_dir: str, params: nnx.State, directory: str, *, step: int | None = None,
-                   copy_frozen: bool = False) -> None:
-  """Writes `init_dir` with the parameters in `params` (a trainable split) replaced; `step` is
-  recorded in TRAINING_FILE."""
+                   run: str | None = None, copy_frozen: bool = False) -> None:
+  """Writes `init_dir` with the parameters in `params` (a trainable split) replaced; `step` and
+  the `run` id are recorded in TRAINING_FILE."""
   init_dir = os.path.abspath(init_dir)
   source = os.path.join(init_dir, PARAMS_DIR)
   if not os.path.isdir(source):
@@ -81,7 +95,7 @@ def export_trained(init_dir: str, params: nnx.State, directory: str, *, step: in
     save_params(staging, tree)
     if step is not None:
       with open(os.path.join(staging, TRAINING_FILE), "w") as f:
-        json.dump({"step": int(step), "init_dir": init_dir}, f)
+        json.dump({"step": int(step), "run": run, "init_dir": init_dir}, f)
     for name in sorted(set(os.listdir(source)) - trained):
       src, dst = os.path.join(source, name), os.path.join(staging, PARAMS_DIR, name)
       if copy_frozen:

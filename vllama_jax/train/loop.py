@@ -11,8 +11,10 @@ iterators, so a resumed run continues with exactly the losses an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 import signal
 import time
 from collections import Counter
@@ -23,8 +25,10 @@ import ml_collections
 import numpy as np
 
 from vllama_jax import sharding
+from vllama_jax.convert.output import free_name
 from vllama_jax.errors import CheckpointError, ConfigError
 from vllama_jax.train import checkpoint, metrics
+from vllama_jax.train import workdir as run_record
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import check_mode, init_train_state, make_eval_step, make_train_step
 from vllama_jax.train.trainable import count_params, resolve, split_trainable
@@ -116,9 +120,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   from vllama_jax.data.build import make_loader
   from vllama_jax.pretrained import load_video_llama
   initialize_distributed(config)
-  check_config(config)
+  check_config(config, workdir)
   main, multi = jax.process_index() == 0, jax.process_count() > 1
   os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 every=config.checkpoint.every, asynchronous=config.checkpoint.get("asynchronous", True))
+  resuming = ckpt.latest_step is not None
+  run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
   model = load_video_llama(config.init_dir, mesh, audio=mode != "video", vision_tower=mode == "audio_vision",
@@ -139,9 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
           "all, alone); ask the export after training")
 
   data = make_loader(config, train=True)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                 every=config.checkpoint.every, asynchronous=config.checkpoint.get("asynchronous", True))
-  if ckpt.latest_step is not None:
+  if resuming:
     state, data_state = ckpt.restore(checkpoint.abstract_like(state))
     data.set_state(data_state)
     if main:
@@ -149,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   start = int(state.step)
   total = total_steps(config)
   log_every, eval_every = config.log_every, config.eval.every
-  log_file = metrics.MetricsLog(workdir, enabled=main)
+  log_file = metrics.MetricsLog(workdir, enabled=main, resume_step=start if resuming else None)
   progress = metrics.Progress(total, start, enabled=main and config.get("progress", True))
   peak = metrics.peak_flops_per_device() * jax.device_count()
   flops_per_step = None
@@ -199,8 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
     progress.close()
     log_file.close()
     data.close()
-  export_dir = os.path.join(workdir, "export")
-  export(config, state.params, export_dir, int(state.step), log)
+  export_dir = export(config, state.params, workdir, int(state.step), run, log)
   broken = summed_counts(data.counts)
   if main:
     log(f"skipped samples: {broken}")
@@ -272,39 +277,61 @@ def _everywhere(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).all())
 
 
-def export(config, params, directory: str, step: int, log=print) -> None:
-  """Writes the trained directory, unless it already holds this step; an earlier export is moved
-  aside, not overwritten. With several processes, process 0 writes host copies of the (gathered)
-  parameters, and every process learns whether that worked (or the others would wait forever)."""
-  from jax.experimental import multihost_utils
-
-  from vllama_jax.train.export import export_trained, exported_step, set_aside
-  if jax.process_count() > 1:
-    params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
-  error = None
+def on_process_0(fn, what: str):
+  """fn() on process 0 alone (None elsewhere); an error there is raised on every process, or the
+  others would wait for it forever in the next collective."""
+  value, error = None, None
   if jax.process_index() == 0:
     try:
-      if exported_step(directory) == step:
-        log(f"{directory} already holds the model of step {step}")
-      else:
-        moved = set_aside(directory)
-        if moved:
-          log(f"moved the earlier export to {moved}")
-        export_trained(config.init_dir, params, directory, step=step)
-        log(f"exported the trained model to {directory}")
+      value = fn()
     except Exception as e:  # noqa: BLE001  (re-raised below, after every process has heard)
       error = e
   if not _everywhere(error is None) and error is None:
-    raise CheckpointError(f"process 0 could not export the trained model to {directory}; see its log")
+    raise CheckpointError(f"process 0 could not {what}; see its log")
   if error is not None:
     raise error
+  return value
 
 
-def check_config(config) -> None:
-  """What can be checked before the model loads (minutes at 7B): mode, trainable set, optimizer,
-  data fields and the step intervals (0: off). After `initialize_distributed`: the data fields
-  may count local devices."""
+def export(config, params, workdir: str, step: int, run: str | None, log=print) -> str:
+  """Writes the trained directory `workdir/export-step<N>` and points the link `workdir/export` at
+  it, unless it already holds this run's step. Earlier exports stay where they are (a later stage
+  may link into them). With several processes, process 0 writes host copies of the (gathered)
+  parameters. Returns the link."""
+  from jax.experimental import multihost_utils
+
+  from vllama_jax.train import export as exporting
+  link = os.path.join(workdir, "export")
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
+
+  def write():
+    current = exporting.export_record(link)
+    if run is not None and (current.get("step"), current.get("run")) == (step, run):
+      log(f"{link} already holds the model of step {step}")
+      return
+    if os.path.isdir(link) and not os.path.islink(link):  # an export from before exports had their own folders
+      log(f"moved the earlier export to {exporting.set_aside(link)}")
+    for stale in glob.glob(os.path.join(workdir, ".converting-*")):  # an export killed while writing
+      shutil.rmtree(stale, ignore_errors=True)
+    target = free_name(os.path.join(workdir, f"export-step{step}"))
+    exporting.export_trained(config.init_dir, params, target, step=step, run=run)
+    exporting.point_link(link, target)
+    log(f"exported the trained model to {target} ({link} links to it)")
+
+  on_process_0(write, f"export the trained model to {link}")
+  return link
+
+
+def check_config(config, workdir: str | None = None) -> None:
+  """What can be checked before the model loads (minutes at 7B): paths, mode, trainable set,
+  optimizer, data fields and the step intervals (0: off). After `initialize_distributed`: the data
+  fields may count local devices."""
   from vllama_jax.data.build import data_config
+  for key, path in {"workdir": workdir, "init_dir": config.get("init_dir")}.items():
+    if path and "://" in str(path):
+      raise ConfigError(f"{key} {path!r}: URLs are not supported; give a local path or a shared "
+                        "filesystem mount (NFS, GCS FUSE) that every process sees")
   check_mode(config.mode)
   resolve(config.trainable if isinstance(config.trainable, str) else tuple(config.trainable))
   try:

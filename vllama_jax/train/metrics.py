@@ -10,6 +10,9 @@ import time
 
 import jax
 import numpy as np
+import tensorboardX
+
+from vllama_jax.convert.output import free_name
 
 # Dense peak FLOP/s per chip for the MFU estimate (bf16 where the chip has it).
 PEAK_FLOPS = {
@@ -38,21 +41,29 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float:
 
 
 class MetricsLog:
-  """Appends one JSON object per record to `workdir/metrics.jsonl` and mirrors scalars to
-  TensorBoard (`workdir/tensorboard`) when tensorboardX is installed."""
+  """Appends one JSON object per record to `workdir/metrics.jsonl` and mirrors its finite scalars
+  to TensorBoard event files in `workdir/tensorboard`.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Resumed at `resume_step`, it drops the records of later steps (those steps run again) and has
+  TensorBoard hide them; a fresh start (`resume_step=None`) moves an earlier run's logs aside.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self._file = self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:
-      self._tb = None
+    path, board = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard")
+    if resume_step is None:
+      for earlier in (path, board):
+        if os.path.exists(earlier):
+          root, ext = os.path.splitext(earlier)
+          os.rename(earlier, free_name(f"{root}-previous{ext}"))
+    elif os.path.isfile(path):
+      _keep_records_up_to(path, resume_step)
+    self._file = open(path, "a")
+    self._tb = tensorboardX.SummaryWriter(board, purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
@@ -70,6 +81,23 @@ class MetricsLog:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _keep_records_up_to(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      keep = json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False  # a line cut short when the run was killed
+    if keep:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  staging = path + ".tmp"
+  with open(staging, "w") as f:
+    f.writelines(kept)
+  os.replace(staging, path)
 
 
 def _plain(v):
