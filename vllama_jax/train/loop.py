@@ -172,7 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         step += 1
         window.append(m)
         done_since_log += 1
-        if (log_every and step % log_every == 0) or step == total:
+        stop_now = stopping if multi else stop.requested
+        if (log_every and step % log_every == 0) or step == total or stop_now:  # a stop logs its part-window
           values = summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
           losses.extend(float(x["loss"]) for x in window)
           window, t_last, done_since_log = [], time.perf_counter(), 0
@@ -191,14 +192,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
         ckpt.save(step, state, data.get_state())
-        if stopping if multi else stop.requested:
-          losses.extend(float(x["loss"]) for x in window)
-          window = []
+        if stop_now:
           ckpt.save(step, state, data.get_state(), force=True)
           if main:
             progress.write(f"stopped at step {step}; checkpoint saved in {ckpt.directory}")
           return RunResult(step, losses, eval_loss, None, summed_counts(data.counts))
-      losses.extend(float(x["loss"]) for x in window)
       ckpt.save(step, state, data.get_state(), force=True)
   finally:
     ckpt.close()
