@@ -19,6 +19,14 @@ def free_name(path: str) -> str:
   return target
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Writes `path` whole or not at all (a reader never sees half a file)."""
+  staging = path + ".tmp"
+  with open(staging, "w") as f:
+    f.write(text)
+  os.replace(staging, path)
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str):
   """Yields a staging directory beside `out_dir`, renamed to `out_dir` only on success.

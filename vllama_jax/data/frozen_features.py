@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from vllama_jax.convert.output import write_atomically
 from vllama_jax.data import text
 from vllama_jax.data.samples import SKIPPED, SampleBuilder, skip_reason
 from vllama_jax.errors import ConfigError, VllamaError
@@ -124,9 +125,8 @@ def build_features(config, out_dir: str, *, batch_size: int = 16, num_threads: i
   for e in entries:
     if e["broken"]:
       broken[e["broken"]] = broken.get(e["broken"], 0) + 1
-  with open(os.path.join(out_dir, INDEX + ".tmp"), "w") as f:
-    json.dump({"settings": settings, "broken": broken, "videos": entries}, f)
-  os.replace(os.path.join(out_dir, INDEX + ".tmp"), os.path.join(out_dir, INDEX))  # written last: complete
+  write_atomically(os.path.join(out_dir, INDEX),  # written last: complete
+                   json.dumps({"settings": settings, "broken": broken, "videos": entries}))
   return out_dir
 
 

@@ -19,31 +19,29 @@ import orbax.checkpoint as ocp
 from vllama_jax.errors import CheckpointError
 
 
-def _all_processes(blob: bytes) -> list[bytes]:
+def all_processes(blob: bytes) -> list[bytes]:
   """Every process's `blob`, in process order (a collective: all processes must call it)."""
   if jax.process_count() == 1:
     return [blob]
   from jax.experimental import multihost_utils
-  size = int(np.max(multihost_utils.process_allgather(np.int32(len(blob)))))
-  padded = np.zeros(size, np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(blob)))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
   padded[:len(blob)] = np.frombuffer(blob, np.uint8)
-  lengths = multihost_utils.process_allgather(np.int32(len(blob)))
-  rows = multihost_utils.process_allgather(padded)
-  return [bytes(rows[i][:int(n)]) for i, n in enumerate(lengths)]
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [bytes(row[:n]) for row, n in zip(rows, lengths)]
 
 
 def _encode_data_state(state) -> dict:
   """Each process's iterator state (its own data shard) as JSON text: orbax's JSON item is written
   by process 0 alone, so it carries all of them. Grain's iterator states are JSON by design."""
-  return {"states": [b.decode() for b in _all_processes(json.dumps(state).encode())]}
+  return {"states": [b.decode() for b in all_processes(json.dumps(state).encode())]}
 
 
 def _decode_data_state(saved: dict, where: str):
   if "pickles" in saved:  # written before 2026-12-03; a checkpoint of one's own, so unpickling is safe
-    saved = {"states": [pickle.loads(base64.b64decode(b)) for b in saved["pickles"]]}
+    states = [pickle.loads(base64.b64decode(b)) for b in saved["pickles"]]
   else:
-    saved = {"states": [json.loads(s) for s in saved.get("states", [])]}
-  states = saved["states"]
+    states = [json.loads(s) for s in saved.get("states", [])]
   if len(states) != jax.process_count():
     raise CheckpointError(f"{where}: holds the data state of {len(states)} processes; this run has "
                           f"{jax.process_count()} (resume with the same number of processes)")

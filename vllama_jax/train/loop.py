@@ -255,14 +255,9 @@ def summed_counts(counts: dict) -> dict:
   """{dataset: {reason: n}} of this process's shards -> the same summed over every process."""
   if jax.process_count() == 1:
     return counts
-  from jax.experimental import multihost_utils
-  blob = np.frombuffer(json.dumps(counts).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:blob.size] = blob
   total: dict[str, Counter] = {}
-  for row, size in zip(np.asarray(multihost_utils.process_allgather(padded)), sizes):
-    for name, reasons in json.loads(row[:size].tobytes()).items():
+  for blob in checkpoint.all_processes(json.dumps(counts).encode()):
+    for name, reasons in json.loads(blob).items():
       total.setdefault(name, Counter()).update(reasons)
   return {name: dict(reasons) for name, reasons in total.items()}
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import tensorboardX
 
-from vllama_jax.convert.output import free_name
+from vllama_jax.convert.output import free_name, write_atomically
 
 # Dense peak FLOP/s per chip for the MFU estimate (bf16 where the chip has it).
 PEAK_FLOPS = {
@@ -94,10 +94,7 @@ def _keep_records_up_to(path: str, step: int) -> None:
       keep = False  # a line cut short when the run was killed
     if keep:
       kept.append(line if line.endswith("\n") else line + "\n")
-  staging = path + ".tmp"
-  with open(staging, "w") as f:
-    f.writelines(kept)
-  os.replace(staging, path)
+  write_atomically(path, "".join(kept))
 
 
 def _plain(v):

@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 
+from vllama_jax.convert.output import write_atomically
 from vllama_jax.errors import ConfigError
 
 RUN_FILE = "run.json"
@@ -61,8 +62,5 @@ def begin(workdir: str, config, resuming: bool) -> str:
     return run
   run = uuid.uuid4().hex[:12]
   os.makedirs(workdir, exist_ok=True)
-  staging = path + ".tmp"
-  with open(staging, "w") as f:
-    json.dump({"run": run, "config": now}, f, indent=1)
-  os.replace(staging, path)
+  write_atomically(path, json.dumps({"run": run, "config": now}, indent=1))
   return run
