@@ -102,6 +102,11 @@ def test_unknown_or_mistyped_override_is_an_error():
   assert stage.optimizer.clip_norm is None  # an unset key takes a Python literal
   apply_override(stage, "optimizer.clip_norm", "1.0")
   assert stage.optimizer.clip_norm == 1.0
+  # a string key also takes a list of strings (a stage name or regexes: `trainable`)
+  apply_override(stage, "trainable", "[video]")  # not a list of strings: the text itself
+  assert stage.trainable == "[video]"
+  apply_override(stage, "trainable", r"['video_branch\.llama_proj\..*']")
+  assert stage.trainable == [r"video_branch\.llama_proj\..*"]
   assert isinstance(config, ml_collections.ConfigDict)
 
 

@@ -54,7 +54,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
   key = _child_key(node, leaf)
   value = _parse_like(text, node[key], dotted_key)
   if isinstance(node, ml_collections.ConfigDict):
-    with node.unlocked():
+    with node.unlocked(), node.ignore_type():  # ignore_type: a str key given a list (see _parse_like)
       node[key] = value
   else:
     node[key] = value
@@ -67,7 +67,10 @@ def _parse_like(text: str, current, key: str):
     if text.lower() in ("false", "0", "no"):
       return False
     raise ConfigError(f"config key {key!r} expects true/false, got {text!r}")
-  if isinstance(current, str):
+  if isinstance(current, str):  # a list of strings written as a Python list also fits (`trainable`)
+    listed = _literal_or_none(text) if text.lstrip().startswith(("[", "(")) else None
+    if isinstance(listed, (list, tuple)) and listed and all(isinstance(x, str) for x in listed):
+      return list(listed)
     return text
   if current is None:  # unset: a Python literal ("1.0", "None", "(1, 2)"), else the text itself
     try:
@@ -85,6 +88,13 @@ def _parse_like(text: str, current, key: str):
   if type(value) is not type(current):
     raise ConfigError(f"config key {key!r} expects a {type(current).__name__}, got {text!r}")
   return value
+
+
+def _literal_or_none(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return None
 
 
 CONFIG_HELP = ("--config FILE[:variant] (required) names the training config whose datasets are read; "
