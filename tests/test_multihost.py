@@ -18,14 +18,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from multihost_worker import ODD_EVAL, make_config  # noqa: E402 (tests/ is on sys.path under pytest)
-from vllama_jax.pretrained import PARAMS_DIR
-from vllama_jax.train import synthetic_job
+from orbax_trees import assert_trees_close, export_contents, read_tree
+from vllama_jax.train import export_checkpoint, synthetic_job
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -168,25 +166,6 @@ def test_only_process_zero_writes_the_metrics(runs):
   assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 1))
 
 
-def _read_tree(path: str):
-  """An orbax PyTree checkpoint as numpy arrays, whatever devices wrote it."""
-  meta = ocp.PyTreeCheckpointer().metadata(path)
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
-def _assert_trees_close(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
-    if x.dtype.kind == "f":
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-    else:
-      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
 def _data_states(step_dir) -> list:
   """The data iterator state each process saved, in process order."""
   with open(os.path.join(step_dir, "data", "metadata")) as f:
@@ -199,8 +178,8 @@ def test_the_saved_checkpoint_is_the_single_process_one(runs):
   assert os.listdir(multi) == os.listdir(single) == [str(STEPS)]
   state = os.path.join(multi, str(STEPS), "state")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state))  # written by both processes
-  a = _read_tree(state)
-  _assert_trees_close(a, _read_tree(os.path.join(single, str(STEPS), "state")))
+  a = read_tree(state)
+  assert_trees_close(a, read_tree(os.path.join(single, str(STEPS), "state")))
   assert int(a["step"]) == STEPS
   # The data position: process i's iterator where the baseline's shard i is.
   [baseline] = _data_states(os.path.join(single, str(STEPS)))
@@ -210,13 +189,23 @@ def test_the_saved_checkpoint_is_the_single_process_one(runs):
 def test_the_export_is_the_single_process_one(runs):
   base, out = runs
   assert out["process0"]["export_dir"] == out["process1"]["export_dir"] == str(base / "multi" / "export")
-  multi, single = base / "multi" / "export" / PARAMS_DIR, base / "single" / "export" / PARAMS_DIR
-  written = sorted(n for n in os.listdir(multi) if not os.path.islink(multi / n))
-  assert written == sorted(n for n in os.listdir(single) if not os.path.islink(single / n))
-  assert written and sorted(os.listdir(multi)) == sorted(os.listdir(single))
-  for name in written:
-    _assert_trees_close(_read_tree(str(multi / name)), _read_tree(str(single / name)))
+  multi, multi_links = export_contents(str(base / "multi" / "export"))
+  single, single_links = export_contents(str(base / "single" / "export"))
+  assert multi and sorted(multi) == sorted(single) and multi_links == single_links
+  for name in multi:
+    assert_trees_close(multi[name], single[name])
   assert not [n for n in os.listdir(base / "multi") if n.startswith(".converting-")]  # no stray staging
+
+
+def test_a_pod_checkpoint_exports_on_one_host(runs, tmp_path):
+  """The two processes' checkpoint (its data state is per process) exports from this one process."""
+  base, _ = runs
+  out = export_checkpoint.export_checkpoint(str(base / "multi"), out=str(tmp_path / "one-host"), log=lambda *_: None)
+  written, links = export_contents(out)
+  trained, trained_links = export_contents(str(base / "multi" / "export"))
+  assert sorted(written) == sorted(trained) and links == trained_links
+  for name in written:
+    assert_trees_close(written[name], trained[name], rtol=0, atol=0)
 
 
 def test_preempting_one_process_stops_both_and_they_resume_where_they_stopped(runs, resumed):
@@ -233,5 +222,5 @@ def test_preempting_one_process_stops_both_and_they_resume_where_they_stopped(ru
   assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, STEPS + 1))
   # The end state, data positions included, is the uninterrupted run's.
   resumed_step, multi_step = (os.path.join(base, d, "checkpoints", str(STEPS)) for d in ("resumed", "multi"))
-  _assert_trees_close(_read_tree(os.path.join(resumed_step, "state")), _read_tree(os.path.join(multi_step, "state")))
+  assert_trees_close(read_tree(os.path.join(resumed_step, "state")), read_tree(os.path.join(multi_step, "state")))
   assert _data_states(resumed_step) == _data_states(multi_step)

@@ -11,11 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from orbax_trees import assert_trees_close, export_contents
 from vllama_jax.cli import load_config_file
-from vllama_jax.errors import ConfigError
+from vllama_jax.errors import CheckpointError, ConfigError
 from vllama_jax.infer.chat import VideoChat
 from vllama_jax.pretrained import PARAMS_DIR
-from vllama_jax.train import export, loop, synthetic_job
+from vllama_jax.train import export, export_checkpoint, loop, synthetic_job
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py")
 STEPS = 6
@@ -70,6 +71,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(prepared, unint
   first = loop.train(config, workdir, log=lambda *_: None)
   assert first.step == 2 and first.export_dir is None
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  # the stopped run's checkpoint exports without training; the finished run's export takes the link after
+  step2 = export_checkpoint.export_checkpoint(workdir, log=lambda *_: None)
+  assert os.path.basename(step2) == "export-step2" and os.readlink(os.path.join(workdir, "export")) == "export-step2"
+  assert export.export_record(step2)["step"] == 2
   monkeypatch.setattr(loop, "global_batch", global_batch)
   second = loop.train(config, workdir, log=lambda *_: None)
   assert second.step == STEPS
@@ -122,6 +127,34 @@ def test_export_loads_with_linked_frozen_weights_and_changed_trainables(prepared
   video = os.path.join(config.synthetic.data_dir, "videos", "test", "test_00000.mp4")
   assert isinstance(trained.ask(video, "What colour is the shape?", greedy=True,
                                 sampling=trained.sampling(max_new_tokens=4)), str)
+
+
+def test_a_checkpoint_exports_what_the_run_exported(prepared, uninterrupted, tmp_path):
+  result, config = uninterrupted
+  workdir = str(prepared / "a")
+  out = export_checkpoint.export_checkpoint(workdir, out=str(tmp_path / "again"), log=lambda *_: None)
+  written, links = export_contents(out)
+  by_the_run, run_links = export_contents(result.export_dir)
+  assert sorted(written) == sorted(by_the_run) and links == run_links
+  for name in written:
+    assert_trees_close(written[name], by_the_run[name], rtol=0, atol=0)
+  assert export.export_record(out) == export.export_record(result.export_dir)
+  # into the workdir: its export-step6 already holds that model, nothing is written or relinked
+  before = sorted(os.listdir(workdir))
+  held = export_checkpoint.export_checkpoint(workdir, log=lambda *_: None)
+  assert held == os.path.realpath(result.export_dir) and sorted(os.listdir(workdir)) == before
+  with pytest.raises(CheckpointError, match=r"no such checkpoint; saved steps: \[6\]"):
+    export_checkpoint.export_checkpoint(workdir, step=3, log=lambda *_: None)
+  assert export_checkpoint.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # no run.json
+
+
+def test_trainable_llama_layers_need_scanned_layers(prepared, tmp_path):
+  config = quick_config(prepared)
+  with config.unlocked(), config.ignore_type():
+    config.scan_layers = False
+    config.trainable = [r"llama\.layers\.\d+\.mlp\..*"]  # the listed layers' paths
+  with pytest.raises(ConfigError, match=r"trainable LLaMA layer parameters \(llama\.layers\.0\.mlp\..*need scan_layers=True"):
+    loop.train(config, str(tmp_path / "w"), log=lambda *_: None)
 
 
 def test_logged_loss_leaves_out_skipped_steps():

@@ -178,17 +178,10 @@ def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
   return _load_part(directory, AUDIO_BRANCH, lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
-def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, audio: bool = True,
-                     vision_tower: bool = False, scan_layers: bool = False, video_options: dict | None = None,
-                     **llama_runtime):
-  """Loads every part a converted directory has into one `VideoLLaMA` on `mesh`.
-
-  The audio branch is loaded for inference unless `vision_tower`: ImageBind's vision tower, which only
-  the paper's training recipe uses, stays on disk. `audio=False` skips the audio branch altogether.
-  `scan_layers=False` (the default) gives the per-layer LLaMA that decodes fastest; `video_options`
-  overrides VideoBranchConfig fields (e.g. `use_frame_positions`), `llama_runtime` LLaMA config fields
-  such as `dtype` or `remat`.
-  """
+def abstract_video_llama(directory: str, *, audio: bool = True, vision_tower: bool = False,
+                         video_options: dict | None = None, **llama_runtime) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs) of the `VideoLLaMA` that `load_video_llama` builds from
+  the config of a converted directory (scanned LLaMA layers), reading no parameter."""
   from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
   from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
   from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
@@ -208,15 +201,32 @@ def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, a
     raise CheckpointError(f"{directory}: has neither a video nor an audio branch; convert one with "
                           "convert_weights.py (--eva --blip2 and/or --imagebind)")
   cfg = VideoLlamaConfig(llama=llama_cfg.replace(scan_layers=True), video=video, audio=audio_cfg)
+  return sharding.abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, audio: bool = True,
+                     vision_tower: bool = False, scan_layers: bool = False, video_options: dict | None = None,
+                     **llama_runtime):
+  """Loads every part a converted directory has into one `VideoLLaMA` on `mesh`.
+
+  The audio branch is loaded for inference unless `vision_tower`: ImageBind's vision tower, which only
+  the paper's training recipe uses, stays on disk. `audio=False` skips the audio branch altogether.
+  `scan_layers=False` (the default) gives the per-layer LLaMA that decodes fastest; `video_options`
+  overrides VideoBranchConfig fields (e.g. `use_frame_positions`), `llama_runtime` LLaMA config fields
+  such as `dtype` or `remat`.
+  """
+  from vllama_jax.convert.audio_branch import AUDIO_BRANCH
+  from vllama_jax.convert.video_branch import VIDEO_BRANCH
+  graphdef, state = abstract_video_llama(directory, audio=audio, vision_tower=vision_tower,
+                                         video_options=video_options, **llama_runtime)
   mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  graphdef, state = sharding.abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
   for part in (LLAMA, VIDEO_BRANCH, AUDIO_BRANCH):
     if part in state:
       restore_state(directory, part, state[part], mesh)
   model = nnx.merge(graphdef, state)
   if not scan_layers:
     model.llama = unstack_layers(model.llama, mesh)
-    model.config = cfg.replace(llama=model.llama.config)
+    model.config = model.config.replace(llama=model.llama.config)
   return model
 
 

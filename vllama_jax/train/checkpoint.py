@@ -73,21 +73,30 @@ class Checkpointer:
                               data=ocp.args.JsonSave(_encode_data_state(data_state)))
     return self.manager.save(step, args=args, force=True)
 
-  def restore(self, abstract_state, step: int | None = None):
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, abstract_state, step: int | None = None, *, with_data: bool = True):
     """(state, data_state) at `step` (default: the latest); `abstract_state` gives structure,
-    dtypes and shardings (jax.ShapeDtypeStruct leaves with concrete shardings)."""
+    dtypes and shardings (jax.ShapeDtypeStruct leaves with concrete shardings). `with_data=False`
+    leaves the data iterators' state on disk (data_state None): any number of processes can then
+    restore it, e.g. one host a checkpoint that a pod wrote."""
     step = self.latest_step if step is None else step
     if step is None:
       raise CheckpointError(f"{self.directory}: no checkpoint to restore")
     where = os.path.join(self.directory, str(step))
+    if step not in self.steps():
+      raise CheckpointError(f"{where}: no such checkpoint; saved steps: {self.steps() or 'none'}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if with_data:
+      items["data"] = ocp.args.JsonRestore()
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      return restored["state"], _decode_data_state(restored["data"], where)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      return restored["state"], _decode_data_state(restored["data"], where) if with_data else None
     except CheckpointError:
       raise
     except Exception as e:
-      others = [s for s in self.manager.all_steps() if s != step]
+      others = [s for s in self.steps() if s != step]
       raise CheckpointError(
           f"{where}: cannot restore it ({type(e).__name__}: {str(e)[:300]}). It is incomplete or corrupt, "
           f"or was written by another config (different trainable set or shapes). Saved steps besides it: "

@@ -4,14 +4,16 @@ The trained parameters are written anew; every frozen parameter is a symbolic li
 directory the run started from (`copy_frozen=True` copies them instead, for a self-contained
 directory). A later stage starts from this directory as it would from a converted one.
 
-The training loop writes each export to its own `workdir/export-step<N>` and points the link
-`workdir/export` at the newest, so that no export a later stage links into ever moves.
+In a workdir, each export has its own folder `workdir/export-step<N>` and the link `workdir/export`
+points at the run's latest, so that no export a later stage links into ever moves.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 
 from flax import nnx
@@ -102,3 +104,38 @@ def export_trained(init_dir: str, params: nnx.State, directory: str, *, step: in
         shutil.copytree(src, dst)
       else:
         os.symlink(os.path.realpath(src), dst)
+
+
+EXPORT_LINK = "export"
+
+
+def _exports_of(workdir: str, step: int, run: str) -> list[str]:
+  """The folders `export-step<step>[.k]` of `workdir` that hold `run`'s model of `step`."""
+  pattern = re.compile(rf"export-step{step}(\.\d+)?")
+  return sorted(path for path in glob.glob(os.path.join(workdir, f"export-step{step}*"))
+                if pattern.fullmatch(os.path.basename(path))
+                and (export_record(path).get("step"), export_record(path).get("run")) == (step, run))
+
+
+def export_in_workdir(init_dir: str, params: nnx.State, workdir: str, step: int, run: str, log=print) -> str:
+  """Writes `workdir/export-step<N>` (`.1`, `.2`, ... where taken) unless one already holds `run`'s
+  model of `step`, and points `workdir/export` at it unless that link holds a later step of the same
+  run. Returns the export's folder."""
+  link = os.path.join(workdir, EXPORT_LINK)
+  held = _exports_of(workdir, step, run)
+  if held:
+    target = held[0]
+    log(f"{target} already holds the model of step {step}")
+  else:
+    for stale in glob.glob(os.path.join(workdir, ".converting-*")):  # an export killed while writing
+      shutil.rmtree(stale, ignore_errors=True)
+    target = free_name(os.path.join(workdir, f"export-step{step}"))
+    export_trained(init_dir, params, target, step=step, run=run)
+    log(f"exported the trained model of step {step} to {target}")
+  if os.path.isdir(link) and not os.path.islink(link):  # an export from before exports had their own folders
+    log(f"moved the earlier export to {set_aside(link)}")
+  current = export_record(link)
+  if not (current.get("run") == run and isinstance(current.get("step"), int) and current["step"] > step):
+    point_link(link, target)
+    log(f"{link} links to {os.path.basename(target)}")
+  return target

@@ -11,10 +11,8 @@ iterators, so a resumed run continues with exactly the losses an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import signal
 import time
 from collections import Counter
@@ -23,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from vllama_jax import sharding
-from vllama_jax.convert.output import free_name
 from vllama_jax.errors import CheckpointError, ConfigError
 from vllama_jax.train import checkpoint, metrics
 from vllama_jax.train import workdir as run_record
 from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
 from vllama_jax.train.step import check_mode, init_train_state, make_eval_step, make_train_step
-from vllama_jax.train.trainable import count_params, resolve, split_trainable
+from vllama_jax.train.trainable import count_params, dotted, resolve, split_trainable
 
 
 @dataclasses.dataclass
@@ -72,6 +70,16 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   kwargs = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id") if d.get(k) not in (None, "", -1)}
   jax.distributed.initialize(**kwargs)
+
+
+def model_options(config) -> dict:
+  """The parts of the model a config's mode trains with (`load_video_llama` keywords)."""
+  return {"audio": config.mode != "video", "vision_tower": config.mode == "audio_vision",
+          "video_options": dict(config.get("video_options", {}))}
+
+
+def trainable_patterns(config) -> str | tuple[str, ...]:
+  return config.trainable if isinstance(config.trainable, str) else tuple(config.trainable)
 
 
 def total_steps(config) -> int:
@@ -129,12 +137,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
-  model = load_video_llama(config.init_dir, mesh, audio=mode != "video", vision_tower=mode == "audio_vision",
-                           scan_layers=config.get("scan_layers", True), remat=config.get("remat", False),
-                           video_options=dict(config.get("video_options", {})))
-  graphdef, params, frozen = split_trainable(model, config.trainable if isinstance(config.trainable, str)
-                                             else tuple(config.trainable))
+  model = load_video_llama(config.init_dir, mesh, **model_options(config),
+                           scan_layers=config.get("scan_layers", True), remat=config.get("remat", False))
+  graphdef, params, frozen = split_trainable(model, trainable_patterns(config))
   del model
+  listed = [dotted(p) for p, _ in nnx.to_flat_state(params) if dotted(p).startswith("llama.layers.")]
+  if listed and not config.get("scan_layers", True):
+    raise ConfigError(f"trainable LLaMA layer parameters ({listed[0]}, ...) need scan_layers=True: checkpoints "
+                      "and exports hold the layers stacked, as the converted directory does")
   optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
   state = init_train_state(params, optimizer, config.seed, mesh)
   train_step = make_train_step(graphdef, frozen, optimizer, mode, mesh, accum_steps=config.get("accum_steps", 1))
@@ -288,32 +298,16 @@ def on_process_0(fn, what: str):
 
 def export(config, params, workdir: str, step: int, run: str | None, log=print) -> str:
   """Writes the trained directory `workdir/export-step<N>` and points the link `workdir/export` at
-  it, unless it already holds this run's step. Earlier exports stay where they are (a later stage
-  may link into them). With several processes, process 0 writes host copies of the (gathered)
-  parameters. Returns the link."""
+  it (`export.export_in_workdir`). With several processes, process 0 writes host copies of the
+  (gathered) parameters. Returns the link."""
   from jax.experimental import multihost_utils
 
   from vllama_jax.train import export as exporting
-  link = os.path.join(workdir, "export")
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)  # a collective: every process
-
-  def write():
-    current = exporting.export_record(link)
-    if run is not None and (current.get("step"), current.get("run")) == (step, run):
-      log(f"{link} already holds the model of step {step}")
-      return
-    if os.path.isdir(link) and not os.path.islink(link):  # an export from before exports had their own folders
-      log(f"moved the earlier export to {exporting.set_aside(link)}")
-    for stale in glob.glob(os.path.join(workdir, ".converting-*")):  # an export killed while writing
-      shutil.rmtree(stale, ignore_errors=True)
-    target = free_name(os.path.join(workdir, f"export-step{step}"))
-    exporting.export_trained(config.init_dir, params, target, step=step, run=run)
-    exporting.point_link(link, target)
-    log(f"exported the trained model to {target} ({link} links to it)")
-
-  on_process_0(write, f"export the trained model to {link}")
-  return link
+  on_process_0(lambda: exporting.export_in_workdir(config.init_dir, params, workdir, step, run, log),
+               f"export the trained model to {workdir}")
+  return os.path.join(workdir, exporting.EXPORT_LINK)
 
 
 def check_config(config, workdir: str | None = None) -> None:
@@ -326,7 +320,7 @@ def check_config(config, workdir: str | None = None) -> None:
       raise ConfigError(f"{key} {path!r}: URLs are not supported; give a local path or a shared "
                         "filesystem mount (NFS, GCS FUSE) that every process sees")
   check_mode(config.mode)
-  resolve(config.trainable if isinstance(config.trainable, str) else tuple(config.trainable))
+  resolve(trainable_patterns(config))
   try:
     OptimizerConfig(**config.optimizer.to_dict())
   except TypeError as e:

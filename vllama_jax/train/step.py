@@ -72,20 +72,28 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
           for k, v in batch.items()}
 
 
-def init_train_state(params: nnx.State, optimizer: Optimizer, seed: int | jax.Array = 0,
-                     mesh: Mesh | None = None) -> TrainState:
-  """A fresh state; `params` is copied (train steps donate the state) and, with a mesh, placed."""
+def _jitted_init(optimizer: Optimizer, seed: int | jax.Array, mesh: Mesh | None, params):
   rng = jax.random.key(seed) if isinstance(seed, int) else seed
   zero = jnp.zeros((), jnp.int32)
 
   def init(p):
-    p = jax.tree.map(jnp.copy, p)
-    return TrainState(p, optimizer.tx.init(p), zero, rng, zero)
+    return TrainState(jax.tree.map(jnp.copy, p), optimizer.tx.init(p), zero, rng, zero)
 
   if mesh is None:
-    return jax.jit(init)(params)
-  shardings = tree_shardings(jax.eval_shape(init, params), mesh)
-  return jax.jit(init, out_shardings=shardings)(params)
+    return jax.jit(init)
+  return jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init, params), mesh))
+
+
+def init_train_state(params: nnx.State, optimizer: Optimizer, seed: int | jax.Array = 0,
+                     mesh: Mesh | None = None) -> TrainState:
+  """A fresh state; `params` is copied (train steps donate the state) and, with a mesh, placed."""
+  return _jitted_init(optimizer, seed, mesh, params)(params)
+
+
+def train_state_shapes(params: nnx.State, optimizer: Optimizer, mesh: Mesh, seed: int | jax.Array = 0) -> TrainState:
+  """The state `init_train_state` makes, as ShapeDtypeStructs with its shardings on `mesh` (a
+  checkpoint's restore target); `params` may be abstract. Allocates nothing."""
+  return _jitted_init(optimizer, seed, mesh, params).eval_shape(params)
 
 
 def modality_rows(model, batch: dict, mode: str, *, dropout: dict[str, bool], rngs=None) -> jax.Array:

@@ -12,6 +12,8 @@ import json
 import os
 import uuid
 
+import ml_collections
+
 from vllama_jax.convert.output import write_atomically
 from vllama_jax.errors import ConfigError
 
@@ -35,6 +37,33 @@ def flat_config(config) -> dict:
   return out
 
 
+def _read(path: str) -> tuple[str, dict]:
+  """(run id, flat config) of a run record."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    return saved["run"], dict(saved["config"])
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: no such file; expected the run record that train.py writes in its "
+                      "workdir (is this a workdir?)") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path}: unreadable ({e}); expected the run record this workdir's run wrote") from None
+
+
+def recorded(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(run id, config) of the run `workdir` holds, as its run record has them (tuples come back as
+  lists)."""
+  run, flat = _read(os.path.join(workdir, RUN_FILE))
+  tree: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return run, ml_collections.ConfigDict(tree)
+
+
 def _may_change(key: str) -> bool:
   return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
@@ -45,12 +74,7 @@ def begin(workdir: str, config, resuming: bool) -> str:
   path = os.path.join(workdir, RUN_FILE)
   now = flat_config(config)
   if resuming and os.path.isfile(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      run, before = saved["run"], saved["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise ConfigError(f"{path}: unreadable ({e}); expected the run record this workdir's run wrote") from None
+    run, before = _read(path)
     differ = [k for k in sorted(set(before) | set(now))
               if not _may_change(k) and before.get(k, _ABSENT) != now.get(k, _ABSENT)]
     if differ:
