@@ -101,20 +101,18 @@ def patch_baseline_loader(shards: int) -> None:
   from vllama_jax.data.pipeline import Mixer, loader
   original = build.make_loader
 
-  def make_loader(config, train=True):
+  def make_loader(config, train=True, datasets=None):
     if not train:
       return original(config, train)
     cfg = build.data_config(config, train)
+    datasets = build.read_datasets(config, train) if datasets is None else datasets
+    ratios = [float(spec.get("ratio", 1.0)) for spec, _ in datasets]
     mixers = []
     for index in range(shards):
       shard_cfg = dataclasses.replace(cfg, shard_index=index, shard_count=shards,
                                       batch_size=cfg.batch_size // shards)
-      loaders, ratios = [], []
-      for spec in config.data.datasets:
-        records = build.records_of(spec, train)
-        if records:
-          loaders.append(loader(records, config.init_dir, shard_cfg, name=spec.get("name", spec["format"])))
-          ratios.append(float(spec.get("ratio", 1.0)))
+      loaders = [loader(records, config.init_dir, shard_cfg, name=spec.get("name", spec["format"]))
+                 for spec, records in datasets]
       mixers.append(Mixer(loaders, ratios, seed=config.seed))
     return ConcatShards(mixers)
 

@@ -123,8 +123,8 @@ def test_all_broken_shard_raises_instead_of_waiting(data):
   root, tok = data
   recs = image_caption_records(str(root / "cap.json"), str(root / "images"))[:4]
   gone = [r | {"media": str(root / "nowhere" / f"{i}.jpg")} for i, r in enumerate(recs)]
-  with pytest.raises(NoUsableSample, match=r"8 records in a row.*'missing file': 8"):
-    next(loader(gone, tok, DataConfig(**BASE, seed=1)))
+  with pytest.raises(NoUsableSample, match=r"dataset 'cc': no usable sample in 8 records in a row.*'missing file': 8"):
+    next(loader(gone, tok, DataConfig(**BASE, seed=1), name="cc"))
   # one good record among four: runs of broken ones span epochs but stay under two passes
   ld = loader(gone[:3] + recs[3:], tok, DataConfig(**BASE, seed=1))
   for b in _take(ld, 4):

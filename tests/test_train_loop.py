@@ -153,6 +153,7 @@ def test_trainable_llama_layers_need_scanned_layers(prepared, tmp_path):
   with config.unlocked(), config.ignore_type():
     config.scan_layers = False
     config.trainable = [r"llama\.layers\.\d+\.mlp\..*"]  # the listed layers' paths
+  synthetic_job.setup(config, str(tmp_path / "w"), log=lambda *_: None)
   with pytest.raises(ConfigError, match=r"trainable LLaMA layer parameters \(llama\.layers\.0\.mlp\..*need scan_layers=True"):
     loop.train(config, str(tmp_path / "w"), log=lambda *_: None)
 

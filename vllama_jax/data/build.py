@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from vllama_jax.data import formats
-from vllama_jax.data.pipeline import Loader, Mixer, loader
+from vllama_jax.data.pipeline import Mixer, loader
 from vllama_jax.data.samples import DataConfig
 from vllama_jax.errors import ConfigError
 
@@ -26,17 +26,56 @@ READERS = {
 # Our template names (text.conversation) -> the data module's (the reference's model_type).
 TEMPLATES = {"vicuna": "vicuna", "llama_2": "llama_v2"}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
+FROM_ELSEWHERE = {"template", "audio", "train", "seed"}  # DataConfig fields set from the config's top level
+DATA_KEYS = (DATA_FIELDS - FROM_ELSEWHERE) | {"datasets", "batch_per_device", "eval_batch_size"}
+DATASET_KEYS = {"name", "format", "ann", "media", "ratio", "eval_ann", "eval_media"}
+EXPECTED = {
+    "webvid": "a folder of *.csv files with the columns videoid, page_dir, name",
+    "image_caption": 'a JSON file {"annotations": [{"image_id": ..., "caption": ...}, ...]}',
+    "llava": 'a JSON list [{"image": ..., "conversations": [{"from": ..., "value": ...}, ...]}, ...]',
+    "videochat": 'a JSON list [{"video": ..., "QA": [{"q": ..., "a": ...}, ...]}, ...]',
+}
+
+
+def _name(spec) -> str:
+  return spec.get("name") or spec.get("format", "?")
+
+
+def check_datasets(config, train: bool) -> None:
+  """The `data.datasets` entries: known keys and formats, the paths they need, usable ratios."""
+  for i, spec in enumerate(config.data.datasets):
+    where = f"data.datasets.{i} ({_name(spec)!r})"
+    unknown = sorted(set(spec) - DATASET_KEYS)
+    if unknown:
+      raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(DATASET_KEYS)}")
+    if spec.get("format") not in READERS:
+      raise ConfigError(f"{where}: unknown format {spec.get('format')!r}; expected one of {sorted(READERS)}")
+    missing = [k for k in ("ann", "media") if k not in spec]
+    if missing:
+      raise ConfigError(f"{where}: has no {missing} (the annotations and the media folder)")
+    ratio = spec.get("ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+      raise ConfigError(f"{where}: ratio must be a number >= 0, got {ratio!r}")
+    n = config.data.get("num_frames", 8)
+    if train and spec["format"] == "webvid" and n % 2:
+      raise ConfigError(f"{where}: WebVid's head/tail frame sampling draws num_frames / 2 from each half of a "
+                        f"video; data.num_frames must be even, got {n}")
 
 
 def records_of(spec, train: bool) -> list[dict]:
+  """The records of a dataset's training (or held-out) annotations; [] when it has none set."""
   fmt = spec["format"]
-  if fmt not in READERS:
-    raise ConfigError(f"dataset {spec.get('name', fmt)!r}: unknown format {fmt!r}; expected one of "
-                      f"{sorted(READERS)}")
   ann, media = (spec["ann"], spec["media"]) if train else (spec.get("eval_ann"), spec.get("eval_media"))
   if not ann:
     return []
-  return READERS[fmt](ann, media or spec["media"])
+  try:
+    records = READERS[fmt](ann, media or spec["media"])
+  except (OSError, ValueError) as e:  # JSON and text decoding errors are ValueErrors
+    detail = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+    raise ConfigError(f"dataset {_name(spec)!r}: cannot read {ann!r} ({detail}); expected {EXPECTED[fmt]}") from None
+  if not records:
+    raise ConfigError(f"dataset {_name(spec)!r}: {ann!r} holds no annotations; expected {EXPECTED[fmt]}")
+  return records
 
 
 def data_config(config, train: bool) -> DataConfig:
@@ -44,10 +83,18 @@ def data_config(config, train: bool) -> DataConfig:
   `data.batch_per_device` (the stage recipes, whose reference figures are per GPU), what each of
   its local devices gets."""
   d = config.data
-  fields = {k: d[k] for k in DATA_FIELDS if k in d}
-  fields["template"] = TEMPLATES.get(config.template, config.template)
+  unknown = sorted(set(d) - DATA_KEYS)
+  if unknown:
+    raise ConfigError(f"data: unknown key(s) {unknown}; known keys: {sorted(DATA_KEYS)}"
+                      + (" (the seed is the config's top-level seed)" if "seed" in unknown else ""))
+  if config.template not in TEMPLATES:
+    raise ConfigError(f"template {config.template!r}: expected one of {sorted(TEMPLATES)}")
+  check_datasets(config, train)
+  fields = {k: d[k] for k in DATA_FIELDS - FROM_ELSEWHERE if k in d}
+  fields["template"] = TEMPLATES[config.template]
   fields["audio"] = config.mode in ("audio", "audio_video")
   fields["train"] = train
+  fields["seed"] = int(config.get("seed", 0))
   fields["prompts"] = tuple(d.get("prompts", ()))
   if not train:
     fields["batch_size"] = d.get("eval_batch_size", d.batch_size)
@@ -57,20 +104,33 @@ def data_config(config, train: bool) -> DataConfig:
   return DataConfig(**fields)
 
 
-def make_loader(config, train: bool = True) -> Mixer:
+def read_datasets(config, train: bool = True) -> list[tuple[dict, list[dict]]]:
+  """(dataset entry, its records) of every dataset the loader reads (an entry with ratio 0 is left
+  out of training). Reading the annotation files is what fails on a wrong path or file: a run does it
+  before its model loads."""
+  out = []
+  for i, spec in enumerate(config.data.datasets):
+    if train and spec.get("ratio", 1.0) <= 0:
+      continue
+    if train and not spec["ann"]:
+      raise ConfigError(f"data.datasets.{i} ({_name(spec)!r}): its annotations are not set; set them "
+                        f"(--config.data.datasets.{i}.ann=... and .media=...) or leave the dataset out of "
+                        f"training with --config.data.datasets.{i}.ratio=0")
+    records = records_of(spec, train)
+    if records:
+      out.append((spec, records))
+  if not out:
+    raise ConfigError("no dataset has " + ("training" if train else "held-out (eval_ann)") + " annotations")
+  return out
+
+
+def make_loader(config, train: bool = True, datasets: list | None = None) -> Mixer:
   """The mixed training loader (train=False: a Mixer over the held-out loaders; `evaluate` reads
-  its `loaders` one after the other)."""
+  its `loaders` one after the other); `datasets`: what `read_datasets` returned, if it ran."""
   cfg = data_config(config, train)
   if cfg.features_dir:
     from vllama_jax.data.frozen_features import FrozenFeatures
     FrozenFeatures(cfg.features_dir).check_weights(config.init_dir)
-  loaders: list[Loader] = []
-  ratios = []
-  for spec in config.data.datasets:
-    records = records_of(spec, train)
-    if records:
-      loaders.append(loader(records, config.init_dir, cfg, name=spec.get("name", spec["format"])))
-      ratios.append(float(spec.get("ratio", 1.0)))
-  if not loaders:
-    raise ConfigError("no dataset has " + ("training" if train else "held-out (eval_ann)") + " annotations")
-  return Mixer(loaders, ratios, seed=config.seed)
+  datasets = read_datasets(config, train) if datasets is None else datasets
+  loaders = [loader(records, config.init_dir, cfg, name=_name(spec)) for spec, records in datasets]
+  return Mixer(loaders, [float(spec.get("ratio", 1.0)) for spec, _ in datasets], seed=config.seed)

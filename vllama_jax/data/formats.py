@@ -2,7 +2,7 @@
 
 Every record has "kind" (caption / llava / videochat), "media" (path), "media_type" (video / image)
 and "broken" ("" or the reason it will be skipped: the pipeline counts and drops it). Bad fields
-flag the record instead of raising.
+flag the record instead of raising; a file of the wrong shape as a whole raises ValueError.
 """
 
 from __future__ import annotations
@@ -16,40 +16,61 @@ def _broken(kind, media_type, reason, media=""):
   return {"kind": kind, "media": media, "media_type": media_type, "broken": reason}
 
 
+WEBVID_COLUMNS = ("videoid", "page_dir", "name")
+
+
 def webvid_records(anno_dir: str, videos_dir: str) -> list[dict]:
   """WebVid: every *.csv in `anno_dir` (sorted by name; the reference used os.listdir order);
   columns videoid, page_dir, name; video = videos_dir/page_dir/videoid.mp4."""
+  names = sorted(os.listdir(anno_dir))
+  if not any(n.endswith(".csv") for n in names):
+    raise ValueError(f"no *.csv file in the folder, which holds {names[:5] or 'nothing'}")
   records = []
-  for name in sorted(os.listdir(anno_dir)):
+  for name in names:
     if not name.endswith(".csv"):
       continue
-    with open(os.path.join(anno_dir, name), newline="", encoding="utf-8") as f:
-      for row in csv.DictReader(f):
-        vid, page, caption = row.get("videoid"), row.get("page_dir"), row.get("name")
-        if not vid or page is None:
-          records.append(_broken("caption", "video", "bad annotation"))
-          continue
-        path = os.path.join(videos_dir, page, f"{vid}.mp4")
-        if caption is None:
-          records.append(_broken("caption", "video", "bad annotation", path))
-          continue
-        records.append({"kind": "caption", "media": path, "media_type": "video",
-                        "caption": caption.strip(), "clean_caption": True, "broken": ""})
+    csv_path = os.path.join(anno_dir, name)
+    try:
+      records += _webvid_rows(csv_path, videos_dir)
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{csv_path} is not UTF-8 text: {e}") from None
   return records
 
 
-def _load_json(path):
+def _webvid_rows(csv_path: str, videos_dir: str) -> list[dict]:
+  records = []
+  with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a column
+    rows = csv.DictReader(f)
+    if rows.fieldnames and not set(WEBVID_COLUMNS) <= set(rows.fieldnames):
+      raise ValueError(f"{csv_path} has the columns {rows.fieldnames}")
+    for row in rows:
+      vid, page, caption = row.get("videoid"), row.get("page_dir"), row.get("name")
+      if not vid or page is None:
+        records.append(_broken("caption", "video", "bad annotation"))
+        continue
+      path = os.path.join(videos_dir, page, f"{vid}.mp4")
+      if caption is None:
+        records.append(_broken("caption", "video", "bad annotation", path))
+        continue
+      records.append({"kind": "caption", "media": path, "media_type": "video",
+                      "caption": caption.strip(), "clean_caption": True, "broken": ""})
+  return records
+
+
+def _load_json(path, top=None):
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    data = json.load(f)
+  if top is not None and not isinstance(data, top):
+    raise ValueError(f"its top level is a JSON {type(data).__name__}, not a {top.__name__}")
+  return data
 
 
 def image_caption_records(ann_path: str, image_dir: str) -> list[dict]:
   """cc_sbu_align / CC595k: {"annotations": [{"image_id", "caption"}]}, image_dir/{id}.jpg.
   Captions are used raw (no cleaning), as the reference."""
-  data = _load_json(ann_path)
-  anns = data.get("annotations") if isinstance(data, dict) else None
+  anns = _load_json(ann_path, dict).get("annotations")
   if not isinstance(anns, list):
-    raise ValueError(f"{ann_path}: expected {{'annotations': [...]}}")
+    raise ValueError("it has no 'annotations' list at the top level")
   records = []
   for ann in anns:
     if not isinstance(ann, dict) or "image_id" not in ann or \
@@ -71,7 +92,7 @@ def llava_records(ann_path: str, image_dir: str, prefix: str = "COCO_train2014_"
   """LLaVA-150k: [{"image", "conversations": [{"from", "value"}]}];
   image = image_dir/prefix+image."""
   records = []
-  for item in _load_json(ann_path):
+  for item in _load_json(ann_path, list):
     if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
         not _turns_ok(item.get("conversations"), ("from", "value")):
       records.append(_broken("llava", "image", "bad annotation"))
@@ -86,7 +107,7 @@ def llava_records(ann_path: str, image_dir: str, prefix: str = "COCO_train2014_"
 def videochat_records(ann_path: str, videos_dir: str) -> list[dict]:
   """VideoChat-11k: [{"video": relpath, "QA": [{"q", "a"}]}]; video = videos_dir/relpath."""
   records = []
-  for item in _load_json(ann_path):
+  for item in _load_json(ann_path, list):
     if not isinstance(item, dict) or not isinstance(item.get("video"), str) or \
         not _turns_ok(item.get("QA"), ("q", "a")):
       records.append(_broken("videochat", "video", "bad annotation"))

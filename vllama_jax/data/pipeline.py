@@ -70,10 +70,10 @@ class _BatchIterator(grain.DatasetIterator):
   broken records in a row (two passes over the shard: one whole shuffled epoch at least) raise
   NoUsableSample instead of reading the repeated data forever."""
 
-  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after):
+  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after, name):
     super().__init__(parent)
     self._batch_size, self._buckets, self._drop = batch_size, buckets, drop_remainder
-    self._give_up_after, self._broken_run = give_up_after, Counter()
+    self._give_up_after, self._broken_run, self._name = give_up_after, Counter(), name
 
   def __next__(self):
     rows, broken = [], Counter()
@@ -91,9 +91,9 @@ class _BatchIterator(grain.DatasetIterator):
         self._broken_run[element["broken"]] += 1
         if self._broken_run.total() >= self._give_up_after:
           raise NoUsableSample(
-              f"no usable sample in {self._broken_run.total()} records in a row, two passes over this "
-              f"shard's {self._give_up_after // 2} records; skipped as {dict(self._broken_run)}: check "
-              "the annotation file and the media directory")
+              f"dataset {self._name!r}: no usable sample in {self._broken_run.total()} records in a row, two "
+              f"passes over this shard's {self._give_up_after // 2} records; skipped as {dict(self._broken_run)}: "
+              "check the annotation file and the media directory")
       else:
         self._broken_run.clear()
         rows.append(element)
@@ -107,16 +107,16 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 class _BatchDataset(grain.IterDataset):
-  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after):
+  def __init__(self, parent, batch_size, buckets, drop_remainder, give_up_after, name):
     super().__init__(parent)
-    self._args = (batch_size, tuple(buckets), drop_remainder, give_up_after)
+    self._args = (batch_size, tuple(buckets), drop_remainder, give_up_after, name)
 
   def __iter__(self):
     return _BatchIterator(self._parent.__iter__(), *self._args)
 
 
-def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> grain.IterDataset:
-  """The grain graph of one dataset (iterate it through `Loader`)."""
+def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig, name: str = "") -> grain.IterDataset:
+  """The grain graph of one dataset (iterate it through `Loader`); `name` is for its errors."""
   index, count = _shard(cfg)
   cfg = dataclasses.replace(cfg, shard_index=index, shard_count=count)
   builder = SampleBuilder(tokenizer_dir, cfg)
@@ -127,7 +127,8 @@ def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> gra
   buckets = tuple(range(step, top + 1, step))
   ds = grain.MapDataset.source(list(records))[index::count]
   if len(ds) == 0:
-    raise ValueError(f"shard {index} of {count} holds no records ({len(records)} in all)")
+    raise ConfigError(f"dataset {name!r}: shard {index} of {count} holds no records ({len(records)} in all): "
+                      "fewer records than processes")
   shard_size = len(ds)
   epochs = cfg.num_epochs if cfg.num_epochs is not None else (None if cfg.train else 1)
   if cfg.train:
@@ -138,7 +139,7 @@ def dataset(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig) -> gra
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                             prefetch_buffer_size=cfg.prefetch))
   it = _BatchDataset(it, cfg.batch_size, buckets, drop_remainder=cfg.train,
-                     give_up_after=2 * shard_size)
+                     give_up_after=2 * shard_size, name=name)
   if cfg.num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; a program without absl.app.run
@@ -182,7 +183,7 @@ class Loader:
 
 
 def loader(records: Sequence[dict], tokenizer_dir: str, cfg: DataConfig, name: str = "") -> Loader:
-  return Loader(dataset(records, tokenizer_dir, cfg), name)
+  return Loader(dataset(records, tokenizer_dir, cfg, name), name)
 
 
 class Mixer:

@@ -54,6 +54,14 @@ class DataConfig:
   cache_dir: str = ""  # a media cache (data.media_cache) to read videos' frames and filterbanks from
   features_dir: str = ""  # frozen features (data.frozen_features) to read in place of videos' media
 
+  def __post_init__(self):
+    if self.overshoot not in ("wrap", "clip"):
+      raise ConfigError(f"data.overshoot must be 'wrap' or 'clip', got {self.overshoot!r}")
+    bad = [p for p in self.prompts if p.count(text.PLACEHOLDER) != 1]
+    if bad:
+      raise ConfigError(f"data.prompts: each prompt needs exactly one {text.PLACEHOLDER} (where the media "
+                        f"tokens go); {bad[0]!r} has {bad[0].count(text.PLACEHOLDER)}")
+
   @property
   def runs(self) -> tuple[int, ...]:
     return (AUDIO_ROWS, self.num_query_tokens) if self.audio else (self.num_query_tokens,)

@@ -125,7 +125,7 @@ def _agree_across_processes(batch: dict, stop_requested: bool) -> tuple[dict, bo
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunResult:
   """Runs (or resumes) `config` in `workdir`; SIGTERM stops it after the current step with a checkpoint."""
-  from vllama_jax.data.build import make_loader
+  from vllama_jax.data.build import make_loader, read_datasets
   from vllama_jax.pretrained import load_video_llama
   initialize_distributed(config)
   check_config(config, workdir)
@@ -135,6 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
                                  every=config.checkpoint.every, asynchronous=config.checkpoint.get("asynchronous", True))
   resuming = ckpt.latest_step is not None
   run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
+  datasets = read_datasets(config, train=True)  # a wrong annotation path fails before the model loads
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
   model = load_video_llama(config.init_dir, mesh, **model_options(config),
@@ -156,7 +157,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
       log("eval.generate is off with several processes (process 0 would generate on arrays that span them "
           "all, alone); ask the export after training")
 
-  data = make_loader(config, train=True)
+  data = make_loader(config, train=True, datasets=datasets)
+  del datasets
   if resuming:
     state, data_state = ckpt.restore(checkpoint.abstract_like(state))
     data.set_state(data_state)
