@@ -10,8 +10,10 @@
 
 Each part is optional, but the vision files go together. Without --vl-ckpt (--al-ckpt) the
 trainable parts of the video (audio) branch are initialised as the reference initialises them for
-training, and config.json says so. With --hf-repo the files are found in the repo copy (explicit
-options win); missing ones are downloaded where they come from, unless --offline.
+training, and config.json says so; --minigpt4 pretrained_minigpt4_7b.pth then starts llama_proj from
+MiniGPT-4's, as the reference's VL stage 1 does (its `llama_proj_model`). With --hf-repo the
+files are found in the repo copy (explicit options win); missing ones are downloaded where they
+come from, unless --offline.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--eva", help="eva_vit_g.pth: the EVA ViT-g state dict (LAVIS names)")
   parser.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth: BLIP-2 Q-Former, query tokens, ln_vision")
   parser.add_argument("--vl-ckpt", help="a Video-LLaMA VL checkpoint (video Q-Former, frame positions, llama_proj)")
+  parser.add_argument("--minigpt4", help="VL stage 1 from scratch: MiniGPT-4's pretrained_minigpt4*.pth, whose "
+                      "llama_proj starts the projection (the reference's llama_proj_model); not with --vl-ckpt")
   parser.add_argument("--imagebind", help="imagebind_huge.pth: ImageBind's audio and vision encoders")
   parser.add_argument("--al-ckpt", help="a Video-LLaMA AL checkpoint (audio Q-Former, positions, projection)")
   parser.add_argument("--llm-hidden", type=int,
@@ -62,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args  # checked once its files are found, in main()
   if not (args.llama or args.eva or args.blip2 or args.vl_ckpt or args.imagebind or args.al_ckpt):
     parser.error("nothing to convert: give --llama, --eva with --blip2, and/or --imagebind")
-  if (args.eva is None) != (args.blip2 is None) or (args.vl_ckpt and not args.eva):
-    parser.error("the vision branch needs --eva and --blip2 together (and --vl-ckpt only with them)")
+  if (args.eva is None) != (args.blip2 is None) or ((args.vl_ckpt or args.minigpt4) and not args.eva):
+    parser.error("the vision branch needs --eva and --blip2 together (and --vl-ckpt or --minigpt4 only with them)")
+  if args.vl_ckpt and args.minigpt4:
+    parser.error("--minigpt4 starts llama_proj for VL stage 1; a --vl-ckpt has its own llama_proj")
   if args.al_ckpt and not args.imagebind:
     parser.error("--al-ckpt goes with --imagebind")
   return args
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
       if args.eva:
         from vllama_jax.convert.video_branch import VIDEO_BRANCH, convert_video_branch
         entry = convert_video_branch(args.eva, args.blip2, args.vl_ckpt, staging, llm_hidden_size=llm_hidden,
-                                     dtype=args.dtype, seed=args.seed)
+                                     dtype=args.dtype, seed=args.seed, minigpt4_path=args.minigpt4)
         parts[VIDEO_BRANCH] = entry
         done.append("video branch" + (f" (initialised: {', '.join(entry['initialised'])})"
                                       if entry.get("initialised") else ""))

@@ -270,6 +270,29 @@ def test_without_vl_checkpoint_trainables_are_initialised(tmp_path, states, caps
                                 numpy(states["blip2"]["ln_vision.bias"]))
 
 
+def test_vl_stage_1_can_start_llama_proj_from_minigpt4(tmp_path, states, capsys):
+  paths = write_sources(tmp_path / "src", states)
+  minigpt4 = str(tmp_path / "src" / "pretrained_minigpt4_7b.pth")
+  proj = {k: states["vl"][k] for k in ("llama_proj.weight", "llama_proj.bias")}
+  torch.save({"model": proj}, minigpt4)  # MiniGPT-4's file: only its projection, under "model"
+  out = tmp_path / "out"
+  assert cli(paths, out, "--minigpt4", minigpt4, "--dtype", "float32", "--seed", "3", vl=False) == 0
+  assert "initialised: video_qformer, frame_position_embedding)" in capsys.readouterr().out
+  entry = json.loads((out / "config.json").read_text())[vb.VIDEO_BRANCH]
+  assert entry["initialised"] == ["video_qformer", "frame_position_embedding"]
+  assert entry["sources"]["minigpt4"] == "pretrained_minigpt4_7b.pth" and entry["llm_hidden_size"] == HIDDEN
+  params = nnx.to_pure_dict(nnx.state(load_video_branch(str(out))))
+  np.testing.assert_array_equal(params["llama_proj"]["kernel"], numpy(proj["llama_proj.weight"]).T)
+  np.testing.assert_array_equal(params["llama_proj"]["bias"], numpy(proj["llama_proj.bias"]))
+  reference = nnx.to_pure_dict(nnx.state(VideoBranch(TINY, rngs=nnx.Rngs(3))))
+  np.testing.assert_allclose(params["video_qformer"]["query_tokens"], reference["video_qformer"]["query_tokens"],
+                             rtol=1e-6, atol=1e-7)
+  torch.save({"model": proj | {"llama_proj.extra": torch.zeros(1)}}, minigpt4)
+  expect_error(tmp_path, paths, capsys, minigpt4, "llama_proj.extra", extra=("--minigpt4", minigpt4), vl=False)
+  with pytest.raises(SystemExit):  # the VL checkpoint has its own llama_proj
+    cli(paths, tmp_path / "both", "--minigpt4", minigpt4)
+
+
 def test_without_llm_width_the_error_says_how_to_give_it(tmp_path, states, capsys):
   paths = write_sources(tmp_path / "src", states)
   expect_error(tmp_path, paths, capsys, "--llama", "--llm-hidden", extra=(), vl=False)

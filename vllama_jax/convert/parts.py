@@ -52,7 +52,7 @@ def initial_params(build: Callable[[nnx.Rngs], nnx.Module], names: Iterable[str]
     params = nnx.to_pure_dict(nnx.state(build(nnx.Rngs(seed))))
     return {name: params[name] for name in names}
 
-  return jax.tree.map(np.asarray, jax.jit(init)())
+  return jax.tree.map(np.array, jax.jit(init)())  # writable copies: a source file may fill some
 
 
 def allocate_like(abstract: dict) -> dict:

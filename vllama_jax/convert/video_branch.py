@@ -5,6 +5,7 @@
   VL checkpoint ["model"]  video_Qformer, video_query_tokens,      -> video_qformer,        trainable
                            video_frame_position_embedding,            frame_position_embedding,
                            llama_proj                                 llama_proj
+  MiniGPT-4 (VL stage 1)   llama_proj                              -> llama_proj            (instead)
 
 Each file is streamed through `tree.fill` with only its own rules, so an error names the file and
 every key of it that is unexpected, mis-shaped or missing. Keys dropped on purpose are listed
@@ -77,12 +78,15 @@ def blip2_rules(cfg: VideoBranchConfig) -> dict[str, tree.Rule]:
   return _split_ln_vision(cfg)[1] | qformer_key_map(cfg.image_qformer, *IMAGE_KEYS, target=("qformer",))
 
 
+def llama_proj_rules() -> dict[str, tree.Rule]:
+  return {"llama_proj.weight": tree.Rule.to(("llama_proj", "kernel"), None, tree.transpose),
+          "llama_proj.bias": tree.Rule.to(("llama_proj", "bias"))}
+
+
 def vl_rules(cfg: VideoBranchConfig) -> dict[str, tree.Rule]:
   return qformer_key_map(cfg.video_qformer, *VIDEO_KEYS, target=("video_qformer",)) | {
       "video_frame_position_embedding.weight": tree.Rule.to(("frame_position_embedding",)),
-      "llama_proj.weight": tree.Rule.to(("llama_proj", "kernel"), None, tree.transpose),
-      "llama_proj.bias": tree.Rule.to(("llama_proj", "bias")),
-  }
+  } | llama_proj_rules()
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -135,16 +139,20 @@ def initial_trainables(cfg: VideoBranchConfig, seed: int) -> dict:
 
 def convert_video_branch(eva_path: str, blip2_path: str, vl_ckpt_path: str | None, staging: str, *,
                          llm_hidden_size: int | None, dtype: str = "bfloat16", seed: int = 0,
-                         cfg: VideoBranchConfig | None = None) -> dict:
+                         cfg: VideoBranchConfig | None = None, minigpt4_path: str | None = None) -> dict:
   """Writes the video-branch part of a converted directory into `staging`; returns its config entry.
 
   `cfg` replaces the release config (tests use `VideoBranchConfig.tiny()`); its dtypes are set as
   conversion writes them: `dtype` for the frozen ViT and image Q-Former, float32 for the rest.
+  `minigpt4_path` (without a VL checkpoint): MiniGPT-4's `llama_proj` as the start of VL stage 1,
+  as the reference's `llama_proj_model` option; the other trainables are initialised.
   """
-  for path in (eva_path, blip2_path) + ((vl_ckpt_path,) if vl_ckpt_path else ()):
+  if vl_ckpt_path and minigpt4_path:
+    raise ConfigError("give a VL checkpoint or MiniGPT-4's llama_proj, not both: the VL checkpoint has its own")
+  for path in (eva_path, blip2_path) + tuple(p for p in (vl_ckpt_path, minigpt4_path) if p):
     if not os.path.isfile(path):
       raise CheckpointError(f"{path}: no such file")
-  cfg = conversion_config(cfg, llm_hidden_size, vl_ckpt_path, dtype)
+  cfg = conversion_config(cfg, llm_hidden_size, vl_ckpt_path or minigpt4_path, dtype)
   abstract = nnx.to_pure_dict(abstract_model(lambda: VideoBranch(cfg, rngs=nnx.Rngs(0)))[1])
   out = parts.allocate_like(abstract)  # each parameter in its own dtype
   rule_sets = [eva_rules(cfg), blip2_rules(cfg)]
@@ -157,9 +165,15 @@ def convert_video_branch(eva_path: str, blip2_path: str, vl_ckpt_path: str | Non
   else:
     out |= initial_trainables(cfg, seed)
     initialised = list(TRAINABLE)
+    if minigpt4_path:
+      rule_sets.append(llama_proj_rules())
+      parts.fill_file(out, minigpt4_path, "model", rule_sets[2], ())
+      initialised.remove("llama_proj")
   parts.check_coverage(out, rule_sets, initialised)
   save_params(staging, {VIDEO_BRANCH: out})
   sources = {"eva": eva_path, "blip2": blip2_path, "vl_ckpt": vl_ckpt_path}
+  if minigpt4_path:
+    sources["minigpt4"] = minigpt4_path
   return dataclasses.asdict(cfg) | {
       "initialised": initialised,
       "sources": {name: os.path.basename(p) if p else None for name, p in sources.items()},
