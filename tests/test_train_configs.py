@@ -43,8 +43,13 @@ def test_stage_configs_carry_the_reference_hyperparameters(stage, variant):
   OptimizerConfig(**o.to_dict())  # every key is one the optimizer knows
   if stage.endswith("stage2"):
     assert c.data.end_sym == ("###" if c.template == "vicuna" else "</s>")
-    assert len(c.data.prompts) == 4 and all("<ImageHere>" in p for p in c.data.prompts)
+    assert c.data.max_txt_len == (320 if stage == "vl_stage2" else 512) and c.data.max_len == 512
+    first = ("###Human: <Image><ImageHere></Image> Describe this image in detail. ###Assistant: "
+             if c.template == "vicuna" else None)
+    assert len(c.data.prompts) == 4 and all(p.count("<ImageHere>") == 1 for p in c.data.prompts)
+    assert first is None or c.data.prompts[0] == first  # alignment_image.txt in the Vicuna template
     assert {d["format"] for d in c.data.datasets} == {"image_caption", "llava", "videochat"}
+    assert {d.get("ratio", 1.0) for d in c.data.datasets} == {1.0}  # uniform
   else:
     assert c.data.end_sym == "\n" and c.data.max_txt_len == 32
     assert [(d["format"], d["ratio"]) for d in c.data.datasets] == [("webvid", 100.0), ("image_caption", 24.0)]
