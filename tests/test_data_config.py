@@ -129,3 +129,10 @@ def test_the_config_seed_is_the_data_seed(tmp_path):
   assert data_config(config, train=True).seed == config.seed == 42
   apply_override(config, "seed", "7")
   assert data_config(config, train=True).seed == 7
+
+
+@pytest.mark.parametrize("mode, runs", [("video", (32,)), ("audio", (8,)), ("audio_video", (8, 32))])
+def test_the_text_holds_one_slot_run_per_branch_the_mode_feeds(tmp_path, mode, runs):
+  config = stage1(tmp_path)  # the step's modality rows: 32 video, 8 audio, or 8 audio then 32 video
+  apply_override(config, "mode", mode)
+  assert data_config(config, train=True).runs == runs

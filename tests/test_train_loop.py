@@ -158,11 +158,25 @@ def test_trainable_llama_layers_need_scanned_layers(prepared, tmp_path):
     loop.train(config, str(tmp_path / "w"), log=lambda *_: None)
 
 
-def test_logged_loss_leaves_out_skipped_steps():
+def test_evaluation_without_a_held_out_split_is_refused_before_training(prepared, tmp_path):
+  config = quick_config(prepared)
+  synthetic_job.setup(config, str(tmp_path / "w"), log=lambda *_: None)
+  with config.unlocked():
+    config.eval.every = 2
+    config.data.datasets[0]["eval_ann"] = ""
+  with pytest.raises(ConfigError, match=r"no dataset has held-out annotations.*--config.eval.every=0"):
+    loop.train(config, str(tmp_path / "w"), log=lambda *_: None)
+  assert not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_logged_values_leave_out_skipped_steps_and_add_up_every_batch():
   step = dict(lr=1e-4, grad_norm=1.0)
-  window = [step | dict(loss=2.0, skipped=0), step | dict(loss=float("nan"), skipped=1),
-            step | dict(loss=4.0, skipped=0)]
-  batch = {"ids": np.zeros((2, 8), np.int32), "attention_mask": np.ones((2, 8), np.int32)}
-  values = loop.summarise(window, batch, time.perf_counter() - 1.0, 10.0, 100.0, 3)
-  assert values["loss"] == 3.0 and values["skipped"] == 1
-  assert np.isnan(loop.summarise(window[1:2], batch, time.perf_counter() - 1.0, 10.0, 100.0, 1)["loss"])
+  window = [step | dict(loss=2.0, skipped=0, tokens=60, flops=10.0),
+            step | dict(loss=float("nan"), skipped=1, tokens=500, flops=80.0),
+            step | dict(loss=4.0, skipped=0, tokens=60, flops=10.0)]
+  values = loop.summarise(window, rows=2, since=time.perf_counter() - 1.0, peak=100.0)
+  assert values["loss"] == 3.0 and values["skipped"] == 1 and values["_steps"] == 3
+  # every step's own tokens and FLOPs (text buckets differ), not the last batch's times the steps
+  np.testing.assert_allclose([values["tokens_per_s"], values["mfu"], values["samples_per_s"]],
+                             [620, 1.0, 6], rtol=0.02)
+  assert np.isnan(loop.summarise(window[1:2], rows=2, since=time.perf_counter() - 1.0, peak=100.0)["loss"])

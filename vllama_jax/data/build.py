@@ -26,7 +26,7 @@ READERS = {
 # Our template names (text.conversation) -> the data module's (the reference's model_type).
 TEMPLATES = {"vicuna": "vicuna", "llama_2": "llama_v2"}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
-FROM_ELSEWHERE = {"template", "audio", "train", "seed"}  # DataConfig fields set from the config's top level
+FROM_ELSEWHERE = {"template", "audio", "video", "train", "seed"}  # DataConfig fields set from the config's top level
 DATA_KEYS = (DATA_FIELDS - FROM_ELSEWHERE) | {"datasets", "batch_per_device", "eval_batch_size"}
 DATASET_KEYS = {"name", "format", "ann", "media", "ratio", "eval_ann", "eval_media"}
 EXPECTED = {
@@ -93,6 +93,7 @@ def data_config(config, train: bool) -> DataConfig:
   fields = {k: d[k] for k in DATA_FIELDS - FROM_ELSEWHERE if k in d}
   fields["template"] = TEMPLATES[config.template]
   fields["audio"] = config.mode in ("audio", "audio_video")
+  fields["video"] = config.mode != "audio"
   fields["train"] = train
   fields["seed"] = int(config.get("seed", 0))
   fields["prompts"] = tuple(d.get("prompts", ()))
@@ -119,8 +120,11 @@ def read_datasets(config, train: bool = True) -> list[tuple[dict, list[dict]]]:
     records = records_of(spec, train)
     if records:
       out.append((spec, records))
+  if not out and train:
+    raise ConfigError("no dataset has training annotations")
   if not out:
-    raise ConfigError("no dataset has " + ("training" if train else "held-out (eval_ann)") + " annotations")
+    raise ConfigError("no dataset has held-out annotations (data.datasets.<i>.eval_ann), which evaluation "
+                      "reads; set them, or turn evaluation off with --config.eval.every=0")
   return out
 
 

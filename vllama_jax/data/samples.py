@@ -37,6 +37,7 @@ class DataConfig:
   seed: int = 0
   num_query_tokens: int = 32
   audio: bool = False
+  video: bool = True  # False: only the audio rows reach the LLM (mode "audio")
   template: str = "vicuna"  # instruction datasets: "vicuna" or "llama_v2"
   prompts: tuple[str, ...] = ()
   end_sym: str = "\n"
@@ -64,7 +65,7 @@ class DataConfig:
 
   @property
   def runs(self) -> tuple[int, ...]:
-    return (AUDIO_ROWS, self.num_query_tokens) if self.audio else (self.num_query_tokens,)
+    return ((AUDIO_ROWS,) if self.audio else ()) + ((self.num_query_tokens,) if self.video else ())
 
 
 class SampleBuilder:

@@ -65,9 +65,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
   def save(self, step: int, state, data_state, *, force: bool = False) -> bool:
     """Saves when `step` is due (or `force`) and not saved yet; returns whether it did."""
-    if step == self.latest_step or not (force or (self.every and step % self.every == 0)):
+    if step == self.latest_step or not (force or self.due(step)):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(_encode_data_state(data_state)))

@@ -136,6 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   resuming = ckpt.latest_step is not None
   run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
   datasets = read_datasets(config, train=True)  # a wrong annotation path fails before the model loads
+  if config.eval.every:
+    read_datasets(config, train=False)  # and so does a missing held-out split
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
   model = load_video_llama(config.init_dir, mesh, **model_options(config),
@@ -170,31 +172,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   log_file = metrics.MetricsLog(workdir, enabled=main, resume_step=start if resuming else None)
   progress = metrics.Progress(total, start, enabled=main and config.get("progress", True))
   peak = metrics.peak_flops_per_device() * jax.device_count()
-  flops_per_step = None
+  flops_of: dict = {}
   losses, window, eval_loss = [], [], None
-  t_last, done_since_log = time.perf_counter(), 0
+  t_last = time.perf_counter()
   try:
     with _Stop() as stop:
       step = start
       while step < total:
         batch, stopping = global_batch(next(data), mesh, stop.requested)
-        if flops_per_step is None:
-          flops_per_step = train_step.flops(state, batch) if hasattr(train_step, "flops") else float("nan")
+        shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if shape not in flops_of:  # per batch shape: text buckets and image / video batches differ
+          flops_of[shape] = train_step.flops(state, batch) if hasattr(train_step, "flops") else float("nan")
         state, m = train_step(state, batch)
         step += 1
-        window.append(m)
-        done_since_log += 1
+        window.append(m | {"tokens": jnp.sum(batch["attention_mask"]), "flops": flops_of[shape]})
         stop_now = stopping if multi else stop.requested
         if (log_every and step % log_every == 0) or step == total or stop_now:  # a stop logs its part-window
-          values = summarise(window, batch, t_last, flops_per_step, peak, done_since_log)
+          values = summarise(window, rows=int(batch["ids"].shape[0]), since=t_last, peak=peak)
           losses.extend(float(x["loss"]) for x in window)
-          window, t_last, done_since_log = [], time.perf_counter(), 0
+          window, t_last = [], time.perf_counter()
           steps_done = values.pop("_steps")
           broken = sum(sum(c.values()) for c in summed_counts(data.counts).values())
           log_file.write(step, "train", values | {"broken": broken})
           progress.update(steps_done, loss=values["loss"], lr=values["lr"],
                           samples_s=values["samples_per_s"], tokens_s=values["tokens_per_s"], mfu=values["mfu"])
-        if eval_every and (step % eval_every == 0 or step == total):
+        if stop_now:  # pre-emption: the checkpoint first and at once (the step's evaluation is skipped)
+          ckpt.save(step, state, data.get_state(), force=True)
+          if main:
+            progress.write(f"stopped at step {step}; checkpoint saved in {ckpt.directory}")
+          return RunResult(step, losses, eval_loss, None, summed_counts(data.counts))
+        eval_due = bool(eval_every) and (step % eval_every == 0 or step == total)
+        if not (eval_due or ckpt.due(step)):
+          continue
+        jax.block_until_ready(m)
+        paused = time.perf_counter()
+        ckpt.save(step, state, data.get_state())  # before the evaluation: a failing one loses no step
+        if eval_due:
           eval_loss = evaluate(config, eval_step, state.params, mesh)
           log_file.write(step, "eval", {"loss": eval_loss})
           if main:
@@ -203,12 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
             from vllama_jax.train.evaluation import sample_answers
             for line in sample_answers(config, graphdef, state.params, frozen):
               progress.write(line)
-        ckpt.save(step, state, data.get_state())
-        if stop_now:
-          ckpt.save(step, state, data.get_state(), force=True)
-          if main:
-            progress.write(f"stopped at step {step}; checkpoint saved in {ckpt.directory}")
-          return RunResult(step, losses, eval_loss, None, summed_counts(data.counts))
+        t_last += time.perf_counter() - paused  # throughput counts the train steps only
       ckpt.save(step, state, data.get_state(), force=True)
   finally:
     ckpt.close()
@@ -222,22 +230,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   return RunResult(int(state.step), losses, eval_loss, export_dir, broken)
 
 
-def summarise(window, batch, since, flops_per_step, peak, steps) -> dict:
-  """The logged values of a window of steps' metrics; the loss is the mean over the steps that updated."""
+def summarise(window, rows: int, since: float, peak: float) -> dict:
+  """The logged values of a window of steps' metrics (each with its batch's "tokens" and "flops");
+  the loss is the mean over the steps that updated."""
   fetched = jax.device_get(window)  # waits for the window's steps: dispatch runs ahead of them
   seconds = time.perf_counter() - since
   kept = [m["loss"] for m in fetched if not m["skipped"]]  # a skipped step's loss is NaN/Inf, or 0 without targets
-  rows = int(batch["ids"].shape[0])
-  tokens = float(jnp.sum(batch["attention_mask"]))
+  flops = sum(float(m["flops"]) for m in fetched)
   return {
       "loss": float(np.mean(kept)) if kept else float("nan"),
       "lr": float(fetched[-1]["lr"]),
       "grad_norm": float(fetched[-1]["grad_norm"]),
       "skipped": int(sum(int(m["skipped"]) for m in fetched)),
-      "samples_per_s": rows * steps / seconds,
-      "tokens_per_s": tokens * steps / seconds,
-      "mfu": flops_per_step * steps / seconds / peak if np.isfinite(flops_per_step) else float("nan"),
-      "_steps": steps,
+      "samples_per_s": rows * len(fetched) / seconds,
+      "tokens_per_s": sum(float(m["tokens"]) for m in fetched) / seconds,
+      "mfu": flops / seconds / peak if np.isfinite(flops) else float("nan"),
+      "_steps": len(fetched),
   }
 
 
@@ -260,7 +268,7 @@ def evaluate(config, eval_step, params, mesh) -> float:
         done += 1
   finally:
     data.close()
-  return total / max(tokens, 1.0)
+  return total / tokens if tokens else float("nan")  # no held-out token (all broken, or eval.batches=0)
 
 
 def summed_counts(counts: dict) -> dict:
