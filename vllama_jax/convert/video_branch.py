@@ -167,7 +167,7 @@ def convert_video_branch(eva_path: str, blip2_path: str, vl_ckpt_path: str | Non
     initialised = list(TRAINABLE)
     if minigpt4_path:
       rule_sets.append(llama_proj_rules())
-      parts.fill_file(out, minigpt4_path, "model", rule_sets[2], ())
+      parts.fill_file(out, minigpt4_path, "model", rule_sets[-1], ())
       initialised.remove("llama_proj")
   parts.check_coverage(out, rule_sets, initialised)
   save_params(staging, {VIDEO_BRANCH: out})

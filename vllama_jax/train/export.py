@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import shutil
 
 from flax import nnx
@@ -110,11 +109,10 @@ EXPORT_LINK = "export"
 
 
 def _exports_of(workdir: str, step: int, run: str) -> list[str]:
-  """The folders `export-step<step>[.k]` of `workdir` that hold `run`'s model of `step`."""
-  pattern = re.compile(rf"export-step{step}(\.\d+)?")
-  return sorted(path for path in glob.glob(os.path.join(workdir, f"export-step{step}*"))
-                if pattern.fullmatch(os.path.basename(path))
-                and (export_record(path).get("step"), export_record(path).get("run")) == (step, run))
+  """The folders `export-step<step>[.k]` of `workdir` that hold `run`'s model of `step` (the record
+  tells `export-step6` from `export-step60`)."""
+  records = {path: export_record(path) for path in glob.glob(os.path.join(workdir, f"export-step{step}*"))}
+  return sorted(path for path, r in records.items() if (r.get("step"), r.get("run")) == (step, run))
 
 
 def export_in_workdir(init_dir: str, params: nnx.State, workdir: str, step: int, run: str, log=print) -> str:
