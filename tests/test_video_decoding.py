@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 from video_fixtures import (CLIP_MEAN, CLIP_STD, MAX_FRAMES, decode_all, has_codec,  # noqa: E402
-                            read_indices, textured_frame, write_video)
+                            read_indices, textured_frame, with_display_rotation, write_video)
 
 from vllama_jax.media import (MediaError, load_image, load_video, probe_video,  # noqa: E402
                               sample_indices, time_hint)
@@ -172,9 +172,10 @@ def test_variable_frame_rate_picks_nearest_timestamp(tmp_path):
 
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 def test_display_rotation_is_applied(tmp_path, degrees):
-  plain = load_video(write_video(tmp_path / "plain.mp4", "libx264"))
-  path = write_video(tmp_path / "rot.mp4", "libx264", rotation=degrees)
+  plain_path = write_video(tmp_path / "plain.mp4", "libx264")
+  path = with_display_rotation(plain_path, tmp_path / "rot.mp4", degrees)
   assert decode_all(path)[0].rotation % 360 == degrees % 360
+  plain = load_video(plain_path)
   video = load_video(path)
   np.testing.assert_array_equal(video.frames, np.rot90(plain.frames, degrees // 90, axes=(1, 2)))
   corner = {90: (200, 20), -90: (20, 200), 180: (200, 200)}[degrees]
