@@ -42,9 +42,13 @@ def run(config, workdir: str, log=print) -> dict:
   if synthetic and result.export_dir and jax.process_index() == 0:
     log("[5/5] answering every held-out question")
     limit = config.eval.get("accuracy_limit", 0) or None
-    accuracy = synthetic_job.answer_held_out(config, result.export_dir, data_dir, limit=limit, log=log)
-    summary["accuracy"] = accuracy
-    log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()) + " (chance 25%)")
+    answers = os.path.join(workdir, "held_out_answers.jsonl")
+    accuracy, most_common = synthetic_job.answer_held_out(config, result.export_dir, data_dir, limit=limit,
+                                                          answers_path=answers, log=log)
+    summary.update(accuracy=accuracy, most_common_value=most_common, held_out_answers=answers)
+    log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    log("  (the most common value's share, to beat: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in most_common.items()) + f"; every answer in {answers})")
   summary["seconds"] = round(time.time() - start, 1)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

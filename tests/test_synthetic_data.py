@@ -207,7 +207,10 @@ def test_score_answers():
                    "sound": "A LOW tone."},
              "b": {"colour": "Blue, or maybe red.", "direction": "upwards",
                    "sound": "It is silent."}}
-  assert S.score_answers(answers, attributes) == {"colour": 1.0, "direction": 0.5, "sound": 1.0}
+  # "right, then left" and "blue, or maybe red" name two values: wrong, whichever comes first
+  assert S.score_answers(answers, attributes) == {"colour": 0.5, "direction": 0.5, "sound": 1.0}
+  answers["a"]["direction"] = "It moves left, leftwards."  # one value, twice
+  assert S.score_answers(answers, attributes) == {"colour": 0.5, "direction": 1.0, "sound": 1.0}
   answers = {"a": {"shape": "a circle"}, "b": {"colour": "I do not know."}}
   assert S.score_answers(answers, attributes) == {"colour": 0.0, "shape": 0.5}
   assert S.parse_answer("Middle.", "sound") == "middle"

@@ -41,7 +41,16 @@ def train(workdir, variant, *overrides):
   pin = (lambda: os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})) if os.environ.get("PYTEST_XDIST_WORKER") else None
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000, preexec_fn=pin)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  return json.loads((workdir / "summary.json").read_text())["accuracy"], done.stdout
+  summary = json.loads((workdir / "summary.json").read_text())
+  accuracy = summary["accuracy"]
+  rows = [json.loads(line) for line in open(summary["held_out_answers"])]  # every answer, rescored
+  assert len(rows) == 4 * len({r["video"] for r in rows})
+  assert all(r["named"] == synthetic.parse_answer(r["answer"], r["attribute"]) for r in rows)
+  for attribute, score in accuracy.items():
+    right = [r["named"] == r["truth"] for r in rows if r["attribute"] == attribute]
+    assert np.mean(right) == pytest.approx(score), attribute
+    assert 0.25 <= summary["most_common_value"][attribute] < 0.5
+  return accuracy, done.stdout
 
 
 def stage0_reading(log: str) -> dict[str, float]:

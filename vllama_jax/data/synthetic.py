@@ -346,20 +346,18 @@ def text_corpus(directory, splits=None) -> list[str]:
 
 
 def parse_answer(text: str, attribute: str) -> str | None:
-  """The first word of `text` naming a value of `attribute` (aliases allowed), else None."""
+  """The value of `attribute` that `text` names (aliases allowed); None when it names none, or
+  more than one ("left or right" is no answer)."""
   vocab, aliases = VOCAB[attribute], ALIASES.get(attribute, {})
-  for word in re.findall(r"[a-z]+", text.lower()):
-    if word in vocab:
-      return word
-    if word in aliases:
-      return aliases[word]
-  return None
+  named = {word if word in vocab else aliases[word]
+           for word in re.findall(r"[a-z]+", text.lower()) if word in vocab or word in aliases}
+  return named.pop() if len(named) == 1 else None
 
 
 def score_answers(answers: dict, attributes: dict) -> dict[str, float]:
   """Accuracy per attribute: `answers` {id: {attribute: answer text}} against `attributes`
   {id: {attribute: value}}. Every attribute asked about for any id is scored over all ids of
-  `answers`; an id without that answer, or an answer naming no value, counts as wrong."""
+  `answers`; an id without that answer, or an answer naming no value or several, counts as wrong."""
   asked = [a for a in ATTRIBUTES if any(a in ans for ans in answers.values())]
   scores = {}
   for a in asked:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vllama_jax.convert.output import write_atomically
 from vllama_jax.data import synthetic
 from vllama_jax.train import synthetic_text
 from vllama_jax.train.synthetic_vision import pretrain_vision
@@ -179,9 +181,12 @@ def _frozen_features(config, log) -> None:
 
 
 def answer_held_out(config, directory: str, data_dir: str, limit: int | None = None,
-                    log=print) -> dict[str, float]:
+                    answers_path: str | None = None, log=print) -> tuple[dict[str, float], dict[str, float]]:
   """Step 5: every held-out question asked alone (first turn, media in front, as in training),
-  greedy; accuracy per attribute."""
+  greedy. Returns the accuracy per attribute and, as the bar to beat, the share of the most common
+  value among the videos scored (25% over the whole held-out split, more over a part of it).
+  `answers_path` gets one JSON line per question: video, attribute, question, answer, the value
+  the answer names (null for none or several) and the truth."""
   from vllama_jax.infer.chat import VideoChat
   from vllama_jax.train.evaluation import training_style
   chat = VideoChat.from_pretrained(directory, template=TEMPLATE, num_frames=config.data.num_frames,
@@ -209,9 +214,16 @@ def answer_held_out(config, directory: str, data_dir: str, limit: int | None = N
     for (_, (vid, attribute)), text in zip(chunk, out):
       answers.setdefault(vid, {})[attribute] = text
   scores = synthetic.score_answers(answers, attributes)
+  if answers_path:
+    lines = [json.dumps({"video": vid, "attribute": a, "question": q, "answer": answers[vid][a],
+                         "named": synthetic.parse_answer(answers[vid][a], a), "truth": attributes[vid][a]})
+             for (_, q), (vid, a) in zip(requests, keys)]
+    write_atomically(answers_path, "".join(line + "\n" for line in lines))
+  most_common = {a: max(collections.Counter(attributes[vid][a] for vid in answers).values()) / len(answers)
+                 for a in scores}
   example = next(iter(answers.items()))
   log(f"  e.g. {example[0]}: {example[1]} (truth {attributes[example[0]]})")
-  return scores
+  return scores, most_common
 
 
 def _even_chunks(items: list, most: int) -> list[list]:
