@@ -27,7 +27,7 @@ its own way: the losses are compared at 2e-2.
 
 MFU: our step's matmul FLOPs as `train_step.flops` counts them on its jaxpr (every scanned LLaMA
 layer and EVA block included; the count train.py's MFU uses) over this machine's measured fp32 matmul
-rate (`metrics.peak_flops_per_device`).
+rate (`metrics.peak_flops`).
 
 Bound: the step's largest matmul (EVA's MLP input projection, every frame's tokens at once) timed alone
 with each library, in turns with the steps. A step cannot run its matmul FLOPs faster than the faster
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
           f"difference {rel_half:.1e} ({'ok' if rel_half <= HALF_TOLERANCE else 'FAILS'} at {HALF_TOLERANCE:g}: "
           "the two sides round differently)")
 
-  peak = metrics.peak_flops_per_device()
+  peak = metrics.peak_flops()
   b = args.batch
   print(f"\nmedian of {args.repeats} turns; ratio = PyTorch time / ours (> 1: ours faster)")
   rows = [("train step", times["ours"], times["torch"],

@@ -1,11 +1,12 @@
 import glob
 import json
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 from tensorboardX.proto import event_pb2
 
-from vllama_jax.train.metrics import MetricsLog
+from vllama_jax.train.metrics import MetricsLog, peak_flops, peak_flops_of_kind
 
 
 def _events(directory):
@@ -39,3 +40,27 @@ def test_only_the_logging_process_writes(tmp_path):
   log.write(1, "train", {"loss": 1.0})
   log.close()
   assert not (tmp_path / "run").exists()
+
+
+def _devices(kind, platform, count=1):
+  return [SimpleNamespace(device_kind=kind, platform=platform)] * count
+
+
+def test_peak_flops_by_device_kind():
+  assert peak_flops_of_kind("TPU v5") == peak_flops_of_kind("TPU v5p") == 459e12  # what v5p reports
+  assert peak_flops_of_kind("TPU v5 lite") == 197e12 and peak_flops_of_kind("TPU v6 lite") == 918e12
+  assert peak_flops_of_kind("TPU v3") == 61.5e12  # one TensorCore: half a chip
+  assert peak_flops_of_kind("TPU v4 lite") is None  # not v4's figure
+  assert peak_flops_of_kind("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+  assert peak_flops_of_kind("NVIDIA H100 PCIe") == 756e12 and peak_flops_of_kind("NVIDIA H100 NVL") == 835e12
+  assert peak_flops_of_kind("NVIDIA A100-SXM4-80GB") == peak_flops_of_kind("NVIDIA A100 80GB PCIe") == 312e12
+  assert peak_flops_of_kind("NVIDIA H1000") is None and peak_flops_of_kind("TPU7x") is None
+  assert peak_flops(_devices("TPU v5 lite", "tpu", 8)) == 8 * 197e12
+  assert np.isnan(peak_flops(_devices("TPU7x", "tpu", 4)))
+
+
+def test_cpu_peak_is_the_hosts_not_per_forced_device():
+  import jax
+  assert len(jax.devices()) == 8  # the suite's forced host devices, sharing two cores
+  one, all_eight = peak_flops(jax.devices()[:1]), peak_flops()
+  assert 0.25 < all_eight / one < 4  # one host's rate either way (timing noise), not 8x

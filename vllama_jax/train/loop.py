@@ -171,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   log_every, eval_every = config.log_every, config.eval.every
   log_file = metrics.MetricsLog(workdir, enabled=main, resume_step=start if resuming else None)
   progress = metrics.Progress(total, start, enabled=main and config.get("progress", True))
-  peak = metrics.peak_flops_per_device() * jax.device_count()
+  peak = metrics.peak_flops()
   flops_of: dict = {}
   losses, window, eval_loss = [], [], None
   t_last = time.perf_counter()

@@ -14,23 +14,40 @@ import tensorboardX
 
 from vllama_jax.convert.output import free_name, write_atomically
 
-# Dense peak FLOP/s per chip for the MFU estimate (bf16 where the chip has it).
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+# Dense bf16 peak FLOP/s of one JAX device, by its exact `device_kind`. A TPU v2 or v3 chip is two
+# devices (one per TensorCore); from v4 on, a device is a chip. "TPU v5" is v5p.
+TPU_PEAK_FLOPS = {
+    "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+# NVIDIA kinds carry the memory and form factor ("NVIDIA H100 80GB HBM3" is the SXM part,
+# "NVIDIA A100-SXM4-40GB"): the longest prefix that ends the kind or a word of it wins.
+GPU_PEAK_FLOPS = {
+    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12,
 }
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float:
-  """The table's value for the device kind, or, on CPU, a measured float32 matmul rate."""
-  device = device or jax.devices()[0]
-  for kind, flops in PEAK_FLOPS.items():
-    if device.device_kind.startswith(kind):
-      return flops
-  if device.platform != "cpu":
-    return float("nan")
+def peak_flops_of_kind(kind: str) -> float | None:
+  """The tables' peak for a device kind; None for a kind they lack."""
+  if kind in TPU_PEAK_FLOPS:
+    return TPU_PEAK_FLOPS[kind]
+  prefixes = [p for p in GPU_PEAK_FLOPS if kind.startswith(p) and kind[len(p):][:1] in ("", " ", "-")]
+  return GPU_PEAK_FLOPS[max(prefixes, key=len)] if prefixes else None
+
+
+def peak_flops(devices=None) -> float:
+  """Peak FLOP/s of `devices` together (default: all), for the MFU estimate: the tables' value
+  times their number; NaN for an accelerator the tables lack. CPU devices share the host's cores
+  (`--xla_force_host_platform_device_count` splits no hardware), so their peak is one measured
+  float32 matmul rate, however many there are."""
+  devices = jax.devices() if devices is None else devices
+  kind, platform = devices[0].device_kind, devices[0].platform
+  if platform != "cpu":
+    each = peak_flops_of_kind(kind)
+    return float("nan") if each is None else each * len(devices)
   n = 1024
-  x = jax.numpy.ones((n, n), jax.numpy.float32)
+  x = jax.device_put(jax.numpy.ones((n, n), jax.numpy.float32), devices[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
   start, reps = time.perf_counter(), 8
