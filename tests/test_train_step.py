@@ -1,5 +1,7 @@
 """The jitted train step on a tiny Video-LLaMA: what changes, the loss, skips, accumulation, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,61 @@ def test_llama_layers_as_a_list_train_as_the_scanned_ones(setup, plain_run):
   assert not model.llama.config.scan_layers and count_params(trainable) == count_params(setup[1])
   step = make_train_step(graphdef, frozen, optimizer, "video", dropout=False)
   assert_same_run(*two_steps(step, init_train_state(trainable, optimizer)), plain_run, 1e-6)
+
+
+AUDIO_QUERIES = 4  # the tiny audio Q-Former's query tokens
+
+
+@pytest.fixture(scope="module")
+def al_setup():
+  """The AL stages' layout: the audio branch with ImageBind's vision tower, trained on frames."""
+  from vllama_jax.models.imagebind import ImageBindConfig
+  cfg = tiny_config()
+  audio = VideoLlamaConfig.tiny(vocab_size=VOCAB).audio
+  vision = ImageBindConfig.tiny_vision(input_size=(SIZE, SIZE), kernel_size=14, stride=14,
+                                       out_dim=audio.audio.out_dim)
+  audio = dataclasses.replace(audio, vision=vision, train_on="vision",
+                              qformer=dataclasses.replace(audio.qformer, num_layers=1))
+  model = VideoLLaMA(cfg.replace(audio=audio), rngs=nnx.Rngs(0))
+  graphdef, trainable, frozen = split_trainable(model, "al")
+  optimizer = make_optimizer(OptimizerConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=None, warmup_steps=0,
+                                             iters_per_epoch=10, max_epoch=1))
+  return graphdef, trainable, frozen, optimizer
+
+
+def al_batch(seed=0) -> dict:
+  batch = make_batch(seed)
+  source = np.full((B, L), -1)
+  source[:, 1:1 + AUDIO_QUERIES] = np.arange(AUDIO_QUERIES)  # the audio Q-Former's rows, then text
+  return batch | {"source": jnp.asarray(source, jnp.int32)}
+
+
+def test_al_stage_trains_the_audio_qformer_on_frames(al_setup):
+  graphdef, trainable, frozen, optimizer = al_setup
+  paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+  assert {p.split(".")[1] for p in paths} == {"audio_qformer", "audio_position_embedding", "audio_llama_proj"}
+  frozen_before, trainable_before = numpy_tree(frozen), numpy_tree(trainable)
+  step = make_train_step(graphdef, frozen, optimizer, "audio_vision", dropout=False)
+  state, losses = init_train_state(trainable, optimizer), []
+  for _ in range(3):
+    state, metrics = step(state, al_batch())
+    losses.append(float(metrics["loss"]))
+    assert int(metrics["skipped"]) == 0
+  assert losses[-1] < losses[0]
+  for before, after in zip(frozen_before, numpy_tree(frozen)):  # ImageBind's towers, the video branch, the LLM
+    np.testing.assert_array_equal(before, after)
+  for before, after in zip(trainable_before, numpy_tree(state.params)):
+    assert not np.array_equal(before, after)
+
+  @jax.jit
+  def logits(trainable, frozen, batch):  # the rows from the frames through ImageBind's vision tower
+    model = nnx.merge(graphdef, trainable, frozen)
+    rows = model.audio_branch.encode_frames(batch["frames"])
+    return model(batch["ids"], batch["source"], rows, batch["attention_mask"])
+
+  batch = al_batch()
+  out = torch.tensor(np.asarray(logits(trainable, frozen, batch)))
+  labels = torch.tensor(np.asarray(batch["labels"]), dtype=torch.long)
+  expected = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+  np.testing.assert_allclose(losses[0], expected.item(), rtol=1e-5)

@@ -67,6 +67,11 @@ class DataConfig:
   def runs(self) -> tuple[int, ...]:
     return ((AUDIO_ROWS,) if self.audio else ()) + ((self.num_query_tokens,) if self.video else ())
 
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    """The modality of each run of `runs`."""
+    return (("audio",) if self.audio else ()) + (("video",) if self.video else ())
+
 
 class SampleBuilder:
   """Picklable record -> example function (the tokenizer and the media cache are reopened in each
@@ -146,7 +151,7 @@ class SampleBuilder:
       if record["kind"] == "llava":
         turns = text.llava_turns(record["conversations"], cfg.runs)
       else:
-        turns = text.videochat_turns(record["qa"], hint, cfg.runs)
+        turns = text.videochat_turns(record["qa"], hint if cfg.video else "", cfg.runs, cfg.kinds)
       ex = text.instruction_example(tok, turns, cfg.template, cfg.runs, cfg.max_len)
     return out | ex
 

@@ -103,12 +103,24 @@ def _finish(tokenizer, ids, labels, runs, full_len, max_len) -> dict:
   return {"ids": ids, "source": source, "labels": np.asarray(labels, np.int32)}
 
 
+VICUNA_HEADER = "\n\n"  # the instruction datasets' empty system message and its separator
+
+
+def vicuna_turn_texts(turns) -> list[str]:
+  """Each turn as the instruction datasets render it: "###Human: ...\\n" / "###Assistant: ...\\n"."""
+  roles = {"human": "Human", "gpt": "Assistant"}
+  return [f"###{roles.get(t['from'].lower(), 'unknown')}: {t['value']}\n" for t in turns]
+
+
+def vicuna_prompt(turns) -> str:
+  """The Vicuna training text: header, the turns, and a closing "###"."""
+  return VICUNA_HEADER + "".join(vicuna_turn_texts(turns)) + "###"
+
+
 def vicuna_example(tokenizer, turns, runs=(32,), max_len: int = 512) -> dict:
   """`preprocess` + `_mask_targets` of the instruction datasets. turns: [{"from", "value"}]."""
-  roles = {"human": "Human", "gpt": "Assistant"}
-  header = "\n\n"
-  pieces = [f"###{roles.get(t['from'].lower(), 'unknown')}: {t['value']}\n" for t in turns]
-  text = header + "".join(pieces) + "###"
+  header, pieces = VICUNA_HEADER, vicuna_turn_texts(turns)
+  text = vicuna_prompt(turns)
   full = [tokenizer.bos_id] + tokenizer.encode(text)
   ids = full[:max_len]
   labels = np.asarray(ids, np.int64)
@@ -181,14 +193,16 @@ def llava_turns(conversations, runs=(32,)) -> list[dict]:
   return [{"from": t["from"], "value": t["value"].replace("<image>", image)} for t in conversations]
 
 
-def videochat_turns(qa, hint: str, runs=(32,)) -> list[dict]:
-  """VideoChat: the first q gets "<Video>" + N x <ImageHere> + "</Video> " + time hint.
-  With audio (runs (8, 32)) the prefix is "<Audio>..</Audio> <Video>..</Video> " (not in the
-  reference, which never trained audio and video jointly)."""
-  if len(runs) == 2:
-    prefix = slot_string(runs, ("<Audio>", "<Video>"), ("</Audio>", "</Video>"))
-  else:
-    prefix = slot_string(runs)
+TAGS = {"audio": ("<Audio>", "</Audio>"), "video": ("<Video>", "</Video>"), "image": ("<Image>", "</Image>")}
+
+
+def videochat_turns(qa, hint: str, runs=(32,), kinds=None) -> list[dict]:
+  """VideoChat: the first q gets "<Video>" + N x <ImageHere> + "</Video> " + time hint. `kinds`
+  names each run's modality (default: video, or audio then video for two runs); with audio and
+  video, runs (8, 32), the prefix is "<Audio>..</Audio> <Video>..</Video> " (not in the reference,
+  which never trained audio and video jointly)."""
+  kinds = kinds or (("audio", "video") if len(runs) == 2 else ("video",))
+  prefix = slot_string(runs, [TAGS[k][0] for k in kinds], [TAGS[k][1] for k in kinds])
   turns = []
   for i, t in enumerate(qa):
     q = (prefix + " " + hint + t["q"]) if i == 0 else t["q"]

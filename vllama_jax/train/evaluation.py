@@ -3,25 +3,51 @@
 The instruction datasets put the media in front of the first question ("<Video>" + N slots +
 "</Video> " + time hint + question; audio+video adds an "<Audio>" run first) inside the training
 template, which differs from the demo's first message (spec 7, item 7); asking in the training
-style measures what the run learned.
+style measures what the run learned. The media rows come from what the stage trains: in the AL
+stages (mode "audio_vision") the frames go through ImageBind's vision tower and the audio Q-Former.
 """
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
+from vllama_jax.data.text import TAGS
 from vllama_jax.text.conversation import TEMPLATES, Conversation
+
+KINDS = {"audio_video": ("audio", "video"), "video": ("video",), "image": ("image",), "audio": ("audio",)}
 
 
 def training_style(chat, media, question: str) -> Conversation:
-  """A one-question conversation as `data.text.videochat_turns` renders the first turn."""
-  tags = {"audio": ("<Audio>", "</Audio>"), "video": ("<Video>", "</Video>"), "image": ("<Image>", "</Image>")}
-  kinds = {"audio_video": ("audio", "video"), "video": ("video",), "image": ("image",), "audio": ("audio",)}
-  prefix = " ".join(f"{tags[k][0]}<ImageHere>{tags[k][1]}" for k in kinds[media.mode])
-  system = " " if chat.template.name == "llama_2" else ""  # the training templates' empty system
-  conversation = Conversation(chat.template, system)
-  conversation.messages.append([chat.template.roles[0], f"{prefix} {media.time_hint}{question}"])
+  """A one-question conversation rendered as `data.text.videochat_turns` and the template's
+  training text render the first turn: up to the answer, the prompt is the training text."""
+  prefix = " ".join(f"{TAGS[k][0]}<ImageHere>{TAGS[k][1]}" for k in KINDS[media.mode])
+  message = f"{prefix} {media.time_hint}{question}"
+  if chat.template.name == "llama_2":
+    conversation = Conversation(chat.template, " ")  # the training prompt's empty system
+  else:  # Vicuna's training text: "\n\n###Human: ...\n###Assistant: ...\n###"
+    conversation = Conversation(chat.template, "\n\n")
+    message += "\n"
+  conversation.messages.append([chat.template.roles[0], message])
   return conversation
+
+
+_frames_through_audio_branch = jax.jit(
+    lambda graphdef, state, frames: nnx.merge(graphdef, state).audio_branch.encode_frames(frames),
+    static_argnums=0)
+
+
+def stage_media(chat, mode: str, videos: list[str], size: int):
+  """Each video encoded as a training batch of `mode` feeds the LLM (`step.modality_rows`)."""
+  from vllama_jax.infer.chat import Media, Request
+  if mode == "audio":
+    return chat.encode_many([Request("", audio=v) for v in videos])
+  if mode != "audio_vision":
+    return chat.encode_many([Request("", video=v, use_audio=mode == "audio_video") for v in videos])
+  from vllama_jax.media.video import load_video
+  sampled = [load_video(v, chat.num_frames, size) for v in videos]
+  rows = chat._encode_grouped([s.frames for s in sampled], _frames_through_audio_branch)
+  return [Media("video", [r], s.time_hint, s, v) for r, s, v in zip(rows, sampled, videos)]
 
 
 def chat_from_state(config, graphdef, params, frozen):
@@ -52,13 +78,11 @@ def first_questions(config, limit: int) -> list[tuple[str, str]]:
 
 def sample_answers(config, graphdef, params, frozen) -> list[str]:
   """A few greedy answers to held-out questions, as log lines."""
-  from vllama_jax.infer.chat import Request
   questions = first_questions(config, config.eval.generate)
   if not questions:
     return []
   chat = chat_from_state(config, graphdef, params, frozen)
-  media = chat.encode_many([Request(q, video=path, use_audio=config.mode in ("audio", "audio_video"))
-                            for path, q in questions])
+  media = stage_media(chat, config.mode, [path for path, _ in questions], config.data.size)
   conversations = [training_style(chat, m, q) for m, (_, q) in zip(media, questions)]
   answers = chat.generate(conversations, media, sampling=chat.sampling(max_new_tokens=24, greedy=True))
   return [f"  Q: {q}  A: {a}" for (_, q), a in zip(questions, answers)]
