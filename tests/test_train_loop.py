@@ -169,6 +169,23 @@ def test_evaluation_without_a_held_out_split_is_refused_before_training(prepared
   assert not os.listdir(tmp_path / "w" / "checkpoints")
 
 
+def test_each_held_out_dataset_gets_eval_batches_and_its_own_loss(prepared, tmp_path):
+  config = quick_config(prepared)
+  workdir = str(tmp_path / "w")
+  synthetic_job.setup(config, workdir, log=lambda *_: None)
+  with config.unlocked():
+    config.steps, config.eval.every, config.eval.batches = 1, 1, 1
+    test = dict(config.data.datasets[0])
+    train_split = test | dict(name="train_split", ratio=0.0, eval_ann=test["ann"], eval_media=test["media"])
+    config.data.datasets = [test, train_split]  # the second is held out only (ratio 0)
+  loop.train(config, workdir, log=lambda *_: None)
+  [record] = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+              if json.loads(line)["split"] == "eval"]
+  ours, other = record["loss/synthetic_qa"], record["loss/train_split"]
+  assert np.isfinite([ours, other]).all() and ours != other  # one batch of each, not one in all
+  assert min(ours, other) < record["loss"] < max(ours, other)  # their token-weighted mean
+
+
 def test_logged_values_leave_out_skipped_steps_and_add_up_every_batch():
   step = dict(lr=1e-4, grad_norm=1.0)
   window = [step | dict(loss=2.0, skipped=0, tokens=60, flops=10.0),

@@ -208,10 +208,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         paused = time.perf_counter()
         ckpt.save(step, state, data.get_state())  # before the evaluation: a failing one loses no step
         if eval_due:
-          eval_loss = evaluate(config, eval_step, state.params, mesh)
-          log_file.write(step, "eval", {"loss": eval_loss})
+          eval_loss, by_dataset = evaluate(config, eval_step, state.params, mesh)
+          several = len(by_dataset) > 1
+          log_file.write(step, "eval", {"loss": eval_loss} | ({f"loss/{k}": v for k, v in by_dataset.items()}
+                                                              if several else {}))
           if main:
-            progress.write(f"step {step}: held-out loss {eval_loss:.4f}")
+            progress.write(f"step {step}: held-out loss {eval_loss:.4f}" + (
+                " (" + ", ".join(f"{k} {v:.4f}" for k, v in by_dataset.items()) + ")" if several else ""))
           if config.eval.get("generate", 0) and not multi:
             from vllama_jax.train.evaluation import sample_answers
             for line in sample_answers(config, graphdef, state.params, frozen):
@@ -249,26 +252,29 @@ def summarise(window, rows: int, since: float, peak: float) -> dict:
   }
 
 
-def evaluate(config, eval_step, params, mesh) -> float:
-  """Token-mean loss over the held-out split (at most `eval.batches` batches), its datasets one
-  after the other. Each process reads its own shard, and shards may differ by a batch: a dataset
-  ends for every process when one of them has no batch left, so that each step has them all."""
+def evaluate(config, eval_step, params, mesh) -> tuple[float, dict[str, float]]:
+  """Token-mean loss over the held-out split, and per held-out dataset: at most `eval.batches`
+  batches of each, the datasets one after the other. Each process reads its own shard, and shards
+  may differ by a batch: a dataset ends for every process when one of them has no batch left, so
+  that each step has them all. A loss over no token (all broken, or eval.batches=0) is NaN."""
   from vllama_jax.data.build import make_loader
   data = make_loader(config, train=False)
-  total, tokens, done = 0.0, 0.0, 0
+  sums: dict[str, list[float]] = {}
   try:
     for held_out in data.loaders:
-      while done < config.eval.batches:
+      total = sums.setdefault(held_out.name, [0.0, 0.0])
+      for _ in range(config.eval.batches):
         batch = next(held_out, None)
         if not _everywhere(batch is not None):
           break
         out = eval_step(params, global_batch(batch, mesh)[0])
-        total += float(out["nll_sum"])
-        tokens += float(out["tokens"])
-        done += 1
+        total[0] += float(out["nll_sum"])
+        total[1] += float(out["tokens"])
   finally:
     data.close()
-  return total / tokens if tokens else float("nan")  # no held-out token (all broken, or eval.batches=0)
+  mean = lambda nll, tokens: nll / tokens if tokens else float("nan")  # noqa: E731
+  overall = mean(sum(t[0] for t in sums.values()), sum(t[1] for t in sums.values()))
+  return overall, {name: mean(*t) for name, t in sums.items()}
 
 
 def summed_counts(counts: dict) -> dict:
