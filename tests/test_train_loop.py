@@ -186,6 +186,33 @@ def test_each_held_out_dataset_gets_eval_batches_and_its_own_loss(prepared, tmp_
   assert min(ours, other) < record["loss"] < max(ours, other)  # their token-weighted mean
 
 
+def test_mfu_counts_the_model_not_the_forward_remat_runs_again(prepared, tmp_path):
+  from vllama_jax.data.build import make_loader
+  from vllama_jax.pretrained import load_video_llama
+  from vllama_jax.sharding import make_mesh
+  from vllama_jax.train.optimizer import OptimizerConfig, make_optimizer
+  from vllama_jax.train.step import init_train_state, make_train_step
+  from vllama_jax.train.trainable import split_trainable
+  config = quick_config(prepared)
+  synthetic_job.setup(config, str(tmp_path / "w"), log=lambda *_: None)
+  mesh, optimizer = make_mesh(tuple(config.mesh)), make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
+  data = make_loader(config, train=True)
+  batch = {k: v for k, v in next(data).items() if not k.startswith("_")}
+  data.close()
+  counts = {}
+  for remat in (False, True):
+    with config.unlocked():
+      config.remat = remat
+    model = load_video_llama(config.init_dir, mesh, **loop.model_options(config), remat=remat)
+    graphdef, params, frozen = split_trainable(model, loop.trainable_patterns(config))
+    step = make_train_step(graphdef, frozen, optimizer, config.mode, mesh)
+    state = init_train_state(params, optimizer, 0, mesh)
+    mfu_count = loop.model_flops(config, step, graphdef, params, frozen, optimizer, mesh)
+    counts[remat] = step.flops(state, batch), mfu_count(state, batch)
+  assert counts[False][0] == counts[False][1] == counts[True][1]  # the model's FLOPs either way
+  assert counts[True][0] > counts[False][0]  # what the remat step runs: the LLaMA forward once more
+
+
 def test_logged_values_leave_out_skipped_steps_and_add_up_every_batch():
   step = dict(lr=1e-4, grad_norm=1.0)
   window = [step | dict(loss=2.0, skipped=0, tokens=60, flops=10.0),

@@ -186,6 +186,19 @@ def test_llama_layers_as_a_list_train_as_the_scanned_ones(setup, plain_run):
   assert_same_run(*two_steps(step, init_train_state(trainable, optimizer)), plain_run, 1e-6)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_trains_as_without(setup, plain_run, scan_layers):
+  """`remat=True`: the frozen LLaMA's layers run their forward again in the backward, same steps."""
+  graphdef, trainable, frozen, optimizer = setup
+  model = nnx.merge(graphdef, trainable, frozen)
+  if not scan_layers:
+    model.llama = unstack_layers(model.llama, make_mesh((1, 1, 1), jax.devices()[:1]))
+  model.llama.config = model.llama.config.replace(remat=True)
+  graphdef, trainable, frozen = split_trainable(model, "vl")
+  step = make_train_step(graphdef, frozen, optimizer, "video", dropout=False)
+  assert_same_run(*two_steps(step, init_train_state(trainable, optimizer)), plain_run, 1e-6)
+
+
 AUDIO_QUERIES = 4  # the tiny audio Q-Former's query tokens
 
 

@@ -163,9 +163,14 @@ class Llama(nnx.Module):
     return x, (k_all, v_all)
 
   def _loop_layers(self, x, cos, sin, mask, cache):
-    call = lambda layer, h, layer_cache: layer(h, cos, sin, mask, layer_cache)
-    if self.config.remat:
-      call = nnx.remat(call)
+    def call(layer, h, layer_cache):
+      if not self.config.remat:
+        return layer(h, cos, sin, mask, layer_cache)
+      # As the scanned path: a pure function of the layer's state. (nnx.remat writes the layer's
+      # state back, which fails on a frozen layer merged inside the train step's trace.)
+      graphdef, state = nnx.split(layer)
+      return jax.checkpoint(lambda s, h, c: nnx.merge(graphdef, s)(h, cos, sin, mask, c))(state, h, layer_cache)
+
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       x, (k, v) = call(layer, x, None if cache is None else (cache[0][i], cache[1][i], None, cache[2]))

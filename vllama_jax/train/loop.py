@@ -82,6 +82,20 @@ def trainable_patterns(config) -> str | tuple[str, ...]:
   return config.trainable if isinstance(config.trainable, str) else tuple(config.trainable)
 
 
+def model_flops(config, train_step, graphdef, params, frozen, optimizer, mesh):
+  """`(state, batch) -> FLOPs` for the MFU: the train step's count, or with `remat` the count of the
+  same step without it (MFU counts the model's FLOPs, not the forward that remat runs again)."""
+  if not config.get("remat", False):
+    return train_step.flops
+  from vllama_jax.config import LlamaConfig
+  model = nnx.merge(graphdef, params, frozen)  # the same arrays, not copies
+  for _, node in nnx.iter_graph(model):
+    if isinstance(getattr(node, "config", None), LlamaConfig):
+      node.config = dataclasses.replace(node.config, remat=False)
+  plain = split_trainable(model, trainable_patterns(config))[0]
+  return make_train_step(plain, frozen, optimizer, config.mode, mesh, accum_steps=config.get("accum_steps", 1)).flops
+
+
 def total_steps(config) -> int:
   o = config.optimizer
   return int(config.get("steps") or o.max_epoch * o.iters_per_epoch)
@@ -151,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
   optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
   state = init_train_state(params, optimizer, config.seed, mesh)
   train_step = make_train_step(graphdef, frozen, optimizer, mode, mesh, accum_steps=config.get("accum_steps", 1))
+  step_flops = model_flops(config, train_step, graphdef, params, frozen, optimizer, mesh)
   eval_step = make_eval_step(graphdef, frozen, mode, mesh)
   if main:
     log(f"trainable {count_params(params):,} of {count_params(params) + count_params(frozen):,} parameters; "
@@ -182,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         batch, stopping = global_batch(next(data), mesh, stop.requested)
         shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if shape not in flops_of:  # per batch shape: text buckets and image / video batches differ
-          flops_of[shape] = train_step.flops(state, batch) if hasattr(train_step, "flops") else float("nan")
+          flops_of[shape] = step_flops(state, batch)
         state, m = train_step(state, batch)
         step += 1
         window.append(m | {"tokens": jnp.sum(batch["attention_mask"]), "flops": flops_of[shape]})
