@@ -55,7 +55,7 @@ from test_eva_vit import lavis_state_dict  # noqa: E402
 from test_qformer import hf_qformer, lavis_tensors  # noqa: E402
 from test_video_branch import TorchVideoBranch  # noqa: E402
 from vllama_jax.convert.qformer import AUDIO_KEYS  # noqa: E402
-from vllama_jax.infer.chat import Media, Request, VideoChat, _encode_audio, _encode_video  # noqa: E402
+from vllama_jax.infer.chat import Media, VideoChat, _encode_audio, _encode_video  # noqa: E402
 from vllama_jax.media import audio_features, load_audio, load_video  # noqa: E402
 from vllama_jax.models.audio_branch import AudioBranchConfig  # noqa: E402
 from vllama_jax.models.eva_vit import EvaVitConfig  # noqa: E402

@@ -168,7 +168,7 @@ def bench_decode(args, hf, model, batch, attn_impls, rows, label=""):
                  f"{new / j_s:.1f} / {new / t_s:.1f} tok/s"))
     j_step = (j_s - secs["jax prefill"]) / steps
     t_step = (t_s - secs[attn + " prefill"]) / steps
-    rows.append((f"  per decode step after prefill", j_step, t_step,
+    rows.append(("  per decode step after prefill", j_step, t_step,
                  f"{batch / j_step:.1f} / {batch / t_step:.1f} tok/s"))
   print(f"decode B{batch}{label}: JAX compile + first run {compile_s:.2f}s")
 
