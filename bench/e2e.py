@@ -341,8 +341,8 @@ class OurPipeline:
     return load_video(path, self.chat.num_frames, self.chat._image_size()), audio_features(path)
 
   def encode(self, frames, sound):
-    video = self.chat._encode_grouped([frames], _encode_video)[0]
-    audio = self.chat._encode_grouped([sound], _encode_audio)[0]
+    video = self.chat.encode_grouped([frames], _encode_video)[0]
+    audio = self.chat.encode_grouped([sound], _encode_audio)[0]
     return Media("audio_video", [audio.block_until_ready(), video.block_until_ready()])
 
   def generate(self, questions, media, sampling):
@@ -358,8 +358,8 @@ class OurPipeline:
     clock = Clock(phases)
     decoded = [self.decode(path) for _ in questions]
     clock("decode")
-    video = self.chat._encode_grouped([s.frames for s, _ in decoded], _encode_video)
-    audio = self.chat._encode_grouped([f for _, f in decoded], _encode_audio)
+    video = self.chat.encode_grouped([s.frames for s, _ in decoded], _encode_video)
+    audio = self.chat.encode_grouped([f for _, f in decoded], _encode_audio)
     jax.block_until_ready((video, audio))
     clock("encode")
     media = [Media("audio_video", [a, v], s.time_hint) for (s, _), a, v in zip(decoded, audio, video)]

@@ -124,6 +124,14 @@ def test_keys_the_pipeline_does_not_know_are_refused(tmp_path):
     data_config(config, train=True)
 
 
+def test_two_datasets_of_one_name_are_refused(tmp_path):
+  config = stage1(tmp_path)
+  with config.unlocked():
+    config.data.datasets[1]["name"] = "webvid"  # counts and held-out losses are kept per name
+  with pytest.raises(ConfigError, match=r"'webvid' names datasets \[0, 1\]; give each a distinct `name`"):
+    data_config(config, train=True)
+
+
 def test_the_config_seed_is_the_data_seed(tmp_path):
   config = stage1(tmp_path)
   assert data_config(config, train=True).seed == config.seed == 42

@@ -21,6 +21,7 @@ from vllama_jax.models.imagebind import ImageBindConfig  # noqa: E402
 from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig  # noqa: E402
 from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
 from vllama_jax.text.conversation import TEMPLATES  # noqa: E402
+from vllama_jax.text.prompt import layout  # noqa: E402
 from vllama_jax.text.tokenizer import Tokenizer  # noqa: E402
 from vllama_jax.train.evaluation import stage_media, training_style  # noqa: E402
 
@@ -53,27 +54,53 @@ def al_chat(tmp_path_factory):
   vision = ImageBindConfig.tiny_vision(out_dim=cfg.audio.audio.out_dim)
   cfg = cfg.replace(audio=dataclasses.replace(cfg.audio, vision=vision, train_on="vision"))
   chat = VideoChat(VideoLLaMA(cfg, rngs=nnx.Rngs(0)), tokenizer, TEMPLATES["vicuna"], num_frames=4)
-  video = str(d / "av.mp4")
+  video, silent = str(d / "av.mp4"), str(d / "silent.mp4")
   write_media(video, tone_mix(2.0, 16000), video_seconds=2.0)
-  return chat, video
+  write_media(silent, None, video_seconds=2.0)
+  return chat, video, silent
 
 
-def test_al_stage_media_are_the_audio_branch_on_the_frames(al_chat):
-  chat, video = al_chat
+@pytest.mark.parametrize("num_frames", [4, 12])
+def test_al_stage_media_are_the_audio_branch_on_the_frames(al_chat, num_frames):
+  chat, video, _ = al_chat
+  chat = VideoChat(chat.model, chat.tokenizer, chat.template, num_frames=num_frames)
   [media] = stage_media(chat, "audio_vision", [video], size=224)
-  frames = load_video(video, 4, 224).frames
-  expected = jax.jit(lambda m, f: m.audio_branch.encode_frames(f))(chat.model, frames[None])[0]
-  assert media.mode == "video" and media.time_hint == load_video(video, 4, 224).time_hint
+  sampled = load_video(video, num_frames, 224)
+  keep = chat.model.config.audio.num_positions  # 8: the step feeds the first 8 of more frames
+  expected = jax.jit(lambda m, f: m.audio_branch.encode_frames(f))(chat.model, sampled.frames[None, :keep])[0]
+  assert media.mode == "video" and media.time_hint == sampled.time_hint
   [rows] = media.embeddings
   assert rows.shape == (chat.model.config.audio.qformer.num_query_tokens, chat.model.config.llama.hidden_size)
   np.testing.assert_allclose(np.asarray(rows), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_other_stages_media(al_chat):
-  chat, video = al_chat
+  chat, video, silent = al_chat
   cfg = chat.model.config
   for mode, rows in (("video", [cfg.video.video_qformer.num_query_tokens]),
                      ("audio_video", [cfg.audio.qformer.num_query_tokens, cfg.video.video_qformer.num_query_tokens]),
                      ("audio", [cfg.audio.qformer.num_query_tokens])):
-    [media] = stage_media(chat, mode, [video], size=224)
+    media, without_sound = stage_media(chat, mode, [video, silent], size=224)
     assert media.mode == mode and [e.shape[0] for e in media.embeddings] == rows
+    if mode == "video":
+      assert without_sound.mode == "video"
+    else:  # what the mode needs is missing: training skips such a video as "no audio"
+      assert without_sound is None
+
+
+@pytest.mark.parametrize("template,data_template", [("vicuna", "vicuna"), ("llama_2", "llama_v2")])
+@pytest.mark.parametrize("mode", ["video", "audio_video"])
+def test_the_prompt_tokens_are_the_training_tokens_up_to_the_answer(al_chat, template, data_template, mode):
+  chat, _, _ = al_chat
+  chat = VideoChat(chat.model, chat.tokenizer, TEMPLATES[template])
+  runs = (2, 3) if mode == "audio_video" else (3,)
+  turns = text.videochat_turns([{"q": QUESTION, "a": ANSWER}], HINT, runs)
+  training = text.instruction_example(chat.tokenizer, turns, data_template, runs)
+  prompt = layout(chat.tokenizer, training_style(chat, SimpleNamespace(mode=mode, time_hint=HINT), QUESTION).prompt(),
+                  runs)
+  n = len(prompt.ids)
+  np.testing.assert_array_equal(training["ids"][:n], prompt.ids)
+  np.testing.assert_array_equal(training["source"][:n], prompt.source)
+  assert training["labels"][n] != -100  # the answer's first token, a target, comes next
+  if template == "llama_2":  # (Vicuna's labels keep "###Assistant:" and a human turn's first two tokens)
+    assert (training["labels"][:n] == -100).all()

@@ -53,6 +53,8 @@ def test_peak_flops_by_device_kind():
   assert peak_flops_of_kind("TPU v4 lite") is None  # not v4's figure
   assert peak_flops_of_kind("NVIDIA H100 80GB HBM3") == 989e12  # SXM
   assert peak_flops_of_kind("NVIDIA H100 PCIe") == 756e12 and peak_flops_of_kind("NVIDIA H100 NVL") == 835e12
+  assert peak_flops_of_kind("NVIDIA H200") == 989e12 and peak_flops_of_kind("NVIDIA H200 NVL") == 835e12
+  assert peak_flops_of_kind("NVIDIA GH200 480GB") == 989e12 and peak_flops_of_kind("NVIDIA A10G") is None
   assert peak_flops_of_kind("NVIDIA A100-SXM4-80GB") == peak_flops_of_kind("NVIDIA A100 80GB PCIe") == 312e12
   assert peak_flops_of_kind("NVIDIA H1000") is None and peak_flops_of_kind("TPU7x") is None
   assert peak_flops(_devices("TPU v5 lite", "tpu", 8)) == 8 * 197e12

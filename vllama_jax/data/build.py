@@ -42,7 +42,13 @@ def _name(spec) -> str:
 
 
 def check_datasets(config, train: bool) -> None:
-  """The `data.datasets` entries: known keys and formats, the paths they need, usable ratios."""
+  """The `data.datasets` entries: known keys and formats, the paths they need, usable ratios, and
+  distinct names (skipped-sample counts and held-out losses are kept per name)."""
+  names = [_name(spec) for spec in config.data.datasets]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ConfigError(f"data.datasets: {twice[0]!r} names datasets {[i for i, n in enumerate(names) if n == twice[0]]}; "
+                      "give each a distinct `name` (a dataset without one is named by its format)")
   for i, spec in enumerate(config.data.datasets):
     where = f"data.datasets.{i} ({_name(spec)!r})"
     unknown = sorted(set(spec) - DATASET_KEYS)

@@ -121,8 +121,8 @@ class VideoChat:
           from vllama_jax.media import MediaError
           raise MediaError(f"{r.audio}: has no audio stream")
         plans.append(dict(frames=None, sound=sound, video=None, source=r.audio, mode="audio", hint=""))
-    video_rows = self._encode_grouped([p["frames"] for p in plans], _encode_video)
-    audio_rows = self._encode_grouped([p["sound"] for p in plans], _encode_audio)
+    video_rows = self.encode_grouped([p["frames"] for p in plans], _encode_video)
+    audio_rows = self.encode_grouped([p["sound"] for p in plans], _encode_audio)
     media = []
     for p, v, a in zip(plans, video_rows, audio_rows):
       embeddings = [e for e in (a, v) if e is not None]  # audio fills the first placeholder
@@ -133,8 +133,9 @@ class VideoChat:
     branch = self.model.video_branch
     return branch.config.vit.image_size if branch is not None else 224
 
-  def _encode_grouped(self, inputs: list[np.ndarray | None], encode) -> list[jax.Array | None]:
-    """Runs `encode` over inputs grouped by shape, each group padded to a power-of-two batch."""
+  def encode_grouped(self, inputs: list[np.ndarray | None], encode) -> list[jax.Array | None]:
+    """Runs `encode(graphdef, state, batch)` (jitted, graphdef static) over the inputs grouped by
+    shape, each group padded to a power-of-two batch; None stays None."""
     out: list[jax.Array | None] = [None] * len(inputs)
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(inputs):

@@ -3,8 +3,10 @@
 The instruction datasets put the media in front of the first question ("<Video>" + N slots +
 "</Video> " + time hint + question; audio+video adds an "<Audio>" run first) inside the training
 template, which differs from the demo's first message (spec 7, item 7); asking in the training
-style measures what the run learned. The media rows come from what the stage trains: in the AL
-stages (mode "audio_vision") the frames go through ImageBind's vision tower and the audio Q-Former.
+style measures what the run learned. (A caption dataset's video is asked "Describe this video." in
+the same layout; its training text is a caption prompt, not a chat.) The media rows come from what
+the stage trains: in the AL stages (mode "audio_vision") the frames go through ImageBind's vision
+tower and the audio Q-Former.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import jax
 from flax import nnx
 
 from vllama_jax.data.text import TAGS
-from vllama_jax.text.conversation import TEMPLATES, Conversation
-
-KINDS = {"audio_video": ("audio", "video"), "video": ("video",), "image": ("image",), "audio": ("audio",)}
+from vllama_jax.media import MediaError
+from vllama_jax.text.conversation import PLACEHOLDERS, TEMPLATES, Conversation
 
 
 def training_style(chat, media, question: str) -> Conversation:
   """A one-question conversation rendered as `data.text.videochat_turns` and the template's
   training text render the first turn: up to the answer, the prompt is the training text."""
-  prefix = " ".join(f"{TAGS[k][0]}<ImageHere>{TAGS[k][1]}" for k in KINDS[media.mode])
+  prefix = " ".join(f"{TAGS[k][0]}<ImageHere>{TAGS[k][1]}" for k in PLACEHOLDERS[media.mode])
   message = f"{prefix} {media.time_hint}{question}"
   if chat.template.name == "llama_2":
     conversation = Conversation(chat.template, " ")  # the training prompt's empty system
@@ -32,22 +33,34 @@ def training_style(chat, media, question: str) -> Conversation:
   return conversation
 
 
-_frames_through_audio_branch = jax.jit(
-    lambda graphdef, state, frames: nnx.merge(graphdef, state).audio_branch.encode_frames(frames),
-    static_argnums=0)
+def _frames_through_audio_branch(graphdef, state, frames):
+  return nnx.merge(graphdef, state).audio_branch.encode_frames(frames)
 
 
-def stage_media(chat, mode: str, videos: list[str], size: int):
-  """Each video encoded as a training batch of `mode` feeds the LLM (`step.modality_rows`)."""
+_frames_through_audio_branch = jax.jit(_frames_through_audio_branch, static_argnums=0)
+
+
+def stage_media(chat, mode: str, videos: list[str], size: int) -> list:
+  """Each video encoded as a training batch of `mode` feeds the LLM (`step.modality_rows`); None
+  for a video without what the mode needs (no audio track, or unreadable), which training skips."""
   from vllama_jax.infer.chat import Media, Request
+  if mode == "audio_vision":  # the first audio-position-table rows' worth of frames, as the step takes
+    from vllama_jax.media.video import load_video
+    sampled = [load_video(v, chat.num_frames, size) for v in videos]
+    keep = chat.model.audio_branch.config.num_positions
+    rows = chat.encode_grouped([s.frames[:keep] for s in sampled], _frames_through_audio_branch)
+    return [Media("video", [r], s.time_hint, s, v) for r, s, v in zip(rows, sampled, videos)]
   if mode == "audio":
-    return chat.encode_many([Request("", audio=v) for v in videos])
-  if mode != "audio_vision":
-    return chat.encode_many([Request("", video=v, use_audio=mode == "audio_video") for v in videos])
-  from vllama_jax.media.video import load_video
-  sampled = [load_video(v, chat.num_frames, size) for v in videos]
-  rows = chat._encode_grouped([s.frames for s in sampled], _frames_through_audio_branch)
-  return [Media("video", [r], s.time_hint, s, v) for r, s, v in zip(rows, sampled, videos)]
+    return [_audio_only(chat, v) for v in videos]
+  media = chat.encode_many([Request("", video=v, use_audio=mode == "audio_video") for v in videos])
+  return [m if m.mode == mode else None for m in media]  # audio_video: a video without sound is None
+
+
+def _audio_only(chat, video: str):
+  try:
+    return chat.encode(audio=video)
+  except MediaError:
+    return None
 
 
 def chat_from_state(config, graphdef, params, frozen):
@@ -78,11 +91,16 @@ def first_questions(config, limit: int) -> list[tuple[str, str]]:
 
 def sample_answers(config, graphdef, params, frozen) -> list[str]:
   """A few greedy answers to held-out questions, as log lines."""
+  from vllama_jax.data.build import data_config
   questions = first_questions(config, config.eval.generate)
   if not questions:
     return []
   chat = chat_from_state(config, graphdef, params, frozen)
-  media = stage_media(chat, config.mode, [path for path, _ in questions], config.data.size)
-  conversations = [training_style(chat, m, q) for m, (_, q) in zip(media, questions)]
-  answers = chat.generate(conversations, media, sampling=chat.sampling(max_new_tokens=24, greedy=True))
-  return [f"  Q: {q}  A: {a}" for (_, q), a in zip(questions, answers)]
+  media = stage_media(chat, config.mode, [path for path, _ in questions], data_config(config, train=False).size)
+  asked = [(q, m) for (_, q), m in zip(questions, media) if m is not None]
+  if not asked:
+    return []
+  conversations = [training_style(chat, m, q) for q, m in asked]
+  answers = chat.generate(conversations, [m for _, m in asked],
+                          sampling=chat.sampling(max_new_tokens=24, greedy=True))
+  return [f"  Q: {q}  A: {a}" for (q, _), a in zip(asked, answers)]

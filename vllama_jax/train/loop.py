@@ -287,9 +287,12 @@ def evaluate(config, eval_step, params, mesh) -> tuple[float, dict[str, float]]:
         total[1] += float(out["tokens"])
   finally:
     data.close()
-  mean = lambda nll, tokens: nll / tokens if tokens else float("nan")  # noqa: E731
-  overall = mean(sum(t[0] for t in sums.values()), sum(t[1] for t in sums.values()))
-  return overall, {name: mean(*t) for name, t in sums.items()}
+  overall = _token_mean(sum(t[0] for t in sums.values()), sum(t[1] for t in sums.values()))
+  return overall, {name: _token_mean(*t) for name, t in sums.items()}
+
+
+def _token_mean(nll: float, tokens: float) -> float:
+  return nll / tokens if tokens else float("nan")
 
 
 def summed_counts(counts: dict) -> dict:

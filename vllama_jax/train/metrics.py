@@ -24,7 +24,7 @@ TPU_PEAK_FLOPS = {
 # "NVIDIA A100-SXM4-40GB"): the longest prefix that ends the kind or a word of it wins.
 GPU_PEAK_FLOPS = {
     "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200": 989e12,
 }
 
 
@@ -38,23 +38,24 @@ def peak_flops_of_kind(kind: str) -> float | None:
 
 def peak_flops(devices=None) -> float:
   """Peak FLOP/s of `devices` together (default: all), for the MFU estimate: the tables' value
-  times their number; NaN for an accelerator the tables lack. CPU devices share the host's cores
+  times their number; NaN for an accelerator the tables lack. CPU devices share their host's cores
   (`--xla_force_host_platform_device_count` splits no hardware), so their peak is one measured
-  float32 matmul rate, however many there are."""
+  float32 matmul rate per process, however many devices each has."""
   devices = jax.devices() if devices is None else devices
   kind, platform = devices[0].device_kind, devices[0].platform
   if platform != "cpu":
     each = peak_flops_of_kind(kind)
     return float("nan") if each is None else each * len(devices)
   n = 1024
-  x = jax.device_put(jax.numpy.ones((n, n), jax.numpy.float32), devices[0])
+  x = jax.device_put(jax.numpy.ones((n, n), jax.numpy.float32), jax.local_devices()[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
   start, reps = time.perf_counter(), 8
   for _ in range(reps):
     y = matmul(x)
   y.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - start)
+  rate = 2 * n ** 3 * reps / (time.perf_counter() - start)
+  return rate * len({getattr(d, "process_index", 0) for d in devices})
 
 
 class MetricsLog:
