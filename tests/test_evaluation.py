@@ -1,4 +1,4 @@
-"""What the loop's sample answers feed the model: the training text up to the answer, and the media
+"""What the loop's sample answers feed the model: the training text up to the answer (or the caption), and the media
 rows of the stage being trained (AL stages: frames through ImageBind's vision tower)."""
 
 import dataclasses
@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from media_fixtures import tone_mix, write_media  # noqa: E402
 
 from vllama_jax.data import text  # noqa: E402
+from vllama_jax.data.text import PLACEHOLDER  # noqa: E402
 from vllama_jax.infer.chat import VideoChat  # noqa: E402
 from vllama_jax.media.video import load_video  # noqa: E402
 from vllama_jax.models.imagebind import ImageBindConfig  # noqa: E402
@@ -23,7 +24,7 @@ from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
 from vllama_jax.text.conversation import TEMPLATES  # noqa: E402
 from vllama_jax.text.prompt import layout  # noqa: E402
 from vllama_jax.text.tokenizer import Tokenizer  # noqa: E402
-from vllama_jax.train.evaluation import stage_media, training_style  # noqa: E402
+from vllama_jax.train.evaluation import CaptionPrompt, stage_media, training_style  # noqa: E402
 
 HINT = "The video contains 4 frames sampled at 0.0, 0.2, 0.5, 0.7 seconds. "
 QUESTION, ANSWER = "Which way does the shape move?", "It moves left."
@@ -104,3 +105,15 @@ def test_the_prompt_tokens_are_the_training_tokens_up_to_the_answer(al_chat, tem
   assert training["labels"][n] != -100  # the answer's first token, a target, comes next
   if template == "llama_2":  # (Vicuna's labels keep "###Assistant:" and a human turn's first two tokens)
     assert (training["labels"][:n] == -100).all()
+
+
+@pytest.mark.parametrize("prompt", [None, "###Human: <Video><ImageHere></Video> Describe this video. ###Assistant: "])
+def test_a_caption_prompt_is_the_caption_paths_text_before_the_caption(al_chat, prompt):
+  chat, _, _ = al_chat
+  runs = (2, 3)  # both runs in the prompt's one placeholder
+  training = text.caption_example(chat.tokenizer, "A dog runs.", runs, prompt)
+  ours = layout(chat.tokenizer, CaptionPrompt(prompt or PLACEHOLDER).prompt(), [sum(runs)])
+  n = len(ours.ids)
+  np.testing.assert_array_equal(training["ids"][:n], ours.ids)
+  np.testing.assert_array_equal(training["source"][:n], ours.source)
+  assert (training["labels"][:n] == -100).all() and (training["labels"][n:] != -100).any()

@@ -213,6 +213,27 @@ def test_mfu_counts_the_model_not_the_forward_remat_runs_again(prepared, tmp_pat
   assert counts[True][0] > counts[False][0]  # what the remat step runs: the LLaMA forward once more
 
 
+def test_sample_answers_answer_questions_and_caption_caption_videos(prepared, tmp_path):
+  from vllama_jax.pretrained import load_video_llama
+  from vllama_jax.sharding import make_mesh
+  from vllama_jax.train.evaluation import sample_answers
+  from vllama_jax.train.trainable import split_trainable
+  config = quick_config(prepared)
+  synthetic_job.setup(config, str(tmp_path / "w"), log=lambda *_: None)
+  data = os.path.dirname(os.path.dirname(os.path.dirname(config.data.datasets[0]["eval_ann"])))
+  captions = dict(name="captions", format="webvid", ann=os.path.join(data, "annotations", "train"),
+                  media=os.path.join(data, "videos"), ratio=0.0,
+                  eval_ann=os.path.join(data, "annotations", "test"), eval_media=os.path.join(data, "videos"))
+  with config.unlocked():
+    config.data.datasets = [captions, dict(config.data.datasets[0])]
+    config.eval.generate = 10  # the 8 held-out videos' captions, then 2 questions
+  model = load_video_llama(config.init_dir, make_mesh(tuple(config.mesh)), **loop.model_options(config))
+  lines = sample_answers(config, *split_trainable(model, loop.trainable_patterns(config)))
+  assert len(lines) == 10
+  assert all(line.startswith("  caption: ") for line in lines[:8])
+  assert all(line.startswith("  Q: ") and "  A: " in line for line in lines[8:])
+
+
 def test_logged_values_leave_out_skipped_steps_and_add_up_every_batch():
   step = dict(lr=1e-4, grad_norm=1.0)
   window = [step | dict(loss=2.0, skipped=0, tokens=60, flops=10.0),

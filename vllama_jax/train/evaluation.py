@@ -3,18 +3,21 @@
 The instruction datasets put the media in front of the first question ("<Video>" + N slots +
 "</Video> " + time hint + question; audio+video adds an "<Audio>" run first) inside the training
 template, which differs from the demo's first message (spec 7, item 7); asking in the training
-style measures what the run learned. (A caption dataset's video is asked "Describe this video." in
-the same layout; its training text is a caption prompt, not a chat.) The media rows come from what
-the stage trains: in the AL stages (mode "audio_vision") the frames go through ImageBind's vision
-tower and the audio Q-Former.
+style measures what the run learned. A caption dataset's video gets the caption path's text that
+comes before the caption (the stage's caption prompt, or the rows alone) and is captioned. The
+rows come from what the stage trains: in the AL stages (mode "audio_vision") the frames go through
+ImageBind's vision tower and the audio Q-Former.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from vllama_jax.data.text import TAGS
+from vllama_jax.data.text import PLACEHOLDER, TAGS
 from vllama_jax.media import MediaError
 from vllama_jax.text.conversation import PLACEHOLDERS, TEMPLATES, Conversation
 
@@ -72,8 +75,19 @@ def chat_from_state(config, graphdef, params, frozen):
                    num_frames=config.data.num_frames)
 
 
-def first_questions(config, limit: int) -> list[tuple[str, str]]:
-  """(media path, first question) of the first held-out records that have a question."""
+@dataclasses.dataclass(frozen=True)
+class CaptionPrompt:
+  """A caption dataset's training text before the caption (`data.text.caption_example`): the
+  stage's first caption prompt, its one <ImageHere> taking every row, or the rows alone. Generated
+  from like a Conversation."""
+  text: str = PLACEHOLDER
+
+  def prompt(self) -> str:
+    return self.text
+
+
+def first_questions(config, limit: int) -> list[tuple[str, str | None]]:
+  """(media path, first question; None for a caption record) of the first usable held-out videos."""
   from vllama_jax.data.build import records_of
   out = []
   for spec in config.data.datasets:
@@ -83,24 +97,33 @@ def first_questions(config, limit: int) -> list[tuple[str, str]]:
       if record["kind"] == "videochat":
         out.append((record["media"], record["qa"][0]["q"]))
       elif record["kind"] == "caption":
-        out.append((record["media"], "Describe this video."))
+        out.append((record["media"], None))
       if len(out) >= limit:
         return out
   return out
 
 
 def sample_answers(config, graphdef, params, frozen) -> list[str]:
-  """A few greedy answers to held-out questions, as log lines."""
+  """A few greedy answers to held-out questions, and captions of held-out caption videos, as log
+  lines."""
   from vllama_jax.data.build import data_config
   questions = first_questions(config, config.eval.generate)
   if not questions:
     return []
+  cfg = data_config(config, train=False)
   chat = chat_from_state(config, graphdef, params, frozen)
-  media = stage_media(chat, config.mode, [path for path, _ in questions], data_config(config, train=False).size)
+  media = stage_media(chat, config.mode, [path for path, _ in questions], cfg.size)
   asked = [(q, m) for (_, q), m in zip(questions, media) if m is not None]
   if not asked:
     return []
-  conversations = [training_style(chat, m, q) for q, m in asked]
-  answers = chat.generate(conversations, [m for _, m in asked],
-                          sampling=chat.sampling(max_new_tokens=24, greedy=True))
-  return [f"  Q: {q}  A: {a}" for (q, _), a in zip(asked, answers)]
+  prompts, rows = [], []
+  for q, m in asked:
+    if q is None:  # all the rows in the caption prompt's one placeholder
+      prompts.append(CaptionPrompt(cfg.prompts[0] if cfg.prompts else PLACEHOLDER))
+      rows.append(dataclasses.replace(m, embeddings=[jnp.concatenate(m.embeddings)]))
+    else:
+      prompts.append(training_style(chat, m, q))
+      rows.append(m)
+  answers = chat.generate(prompts, rows, sampling=chat.sampling(max_new_tokens=24, greedy=True))
+  return [f"  Q: {q}  A: {a}" if q is not None else f"  caption: {a.split(cfg.end_sym)[0].strip()}"
+          for (q, _), a in zip(asked, answers)]
