@@ -1,5 +1,6 @@
-"""What the loop's sample answers feed the model: the training text up to the answer (or the caption), and the media
-rows of the stage being trained (AL stages: frames through ImageBind's vision tower)."""
+"""What the loop's sample answers feed the model: the training text up to the answer (or up to the
+caption), and the media rows of the stage being trained (AL stages: frames through ImageBind's
+vision tower)."""
 
 import dataclasses
 import os
