@@ -220,6 +220,31 @@ def test_joint_audio_video(data, tmp_path):
   assert ld.counts["no audio"] >= 1
 
 
+def test_audio_mode_reads_no_frames(data, tmp_path):
+  root, tok = data
+  write_video(tmp_path / "av.mp4", num_frames=20, width=48, height=40, audio_first=True)
+  write_video(tmp_path / "short.mp4", num_frames=5, width=48, height=40, audio_first=True)  # 8 frames needed
+  qa = [{"q": "Hi?", "a": "Yo."}]
+  (tmp_path / "vc.json").write_text(json.dumps([{"video": "av.mp4", "QA": qa}, {"video": "short.mp4", "QA": qa},
+                                                {"video": "gone.mp4", "QA": qa}]))
+  records = videochat_records(str(tmp_path / "vc.json"), str(tmp_path))
+  base = BASE | dict(batch_size=1, train=False, audio=True)
+  joint, audio_only = (loader(records, tok, DataConfig(**base, video=v)) for v in (True, False))
+  first, b = next(joint), next(audio_only)
+  assert "frames" in first and "frames" not in b
+  np.testing.assert_array_equal(b["filterbanks"], first["filterbanks"])
+  src = b["source"][0]
+  assert src[src >= 0].tolist() == list(range(8))
+  assert "<Audio>" in Tokenizer(tok).decode(b["ids"][0][src < 0].tolist())
+  assert "frames" not in next(audio_only)  # the short video: its audio is all this mode reads
+  with pytest.raises(StopIteration):
+    next(audio_only)
+  assert dict(audio_only.counts) == {"missing file": 1}
+  with pytest.raises(StopIteration):
+    next(joint)
+  assert dict(joint.counts) == {"short video": 1, "missing file": 1}
+
+
 def test_augment_units():
   rng = np.random.default_rng(0)
   for _ in range(20):

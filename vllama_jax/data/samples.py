@@ -156,16 +156,17 @@ class SampleBuilder:
     return out | ex
 
   def media(self, record: dict, rng) -> tuple[dict, str]:
-    """({"frames", and "filterbanks" with audio}, time hint) of a record's video or image."""
+    """({"frames", and "filterbanks" with audio}, time hint) of a record's video or image. Without
+    cfg.video (mode "audio") a video's frames reach nothing, so they are neither decoded nor batched."""
     out, hint = {}, ""
     video = record["media_type"] == "video"
     cached = self.cache.get(record["media"]) if video and self.cache is not None else None
-    if cached is not None and cached.broken:
+    if cached is not None and cached.broken:  # the cache decoded no audio either
       raise text.BrokenSample(cached.broken)
-    if video:
-      out["frames"], hint = self.video(record["media"], rng, record["kind"] == "caption", cached)
-    else:
+    if not video:
       out["frames"] = self.image(record["media"], rng)
+    elif self.cfg.video:
+      out["frames"], hint = self.video(record["media"], rng, record["kind"] == "caption", cached)
     if self.cfg.audio:
       if cached is not None:
         if cached.audio_broken:
