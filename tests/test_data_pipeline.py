@@ -11,7 +11,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from video_fixtures import write_video  # noqa: E402
 
-from vllama_jax.data import (DataConfig, augment, image_caption_records, llava_records,  # noqa: E402
+from vllama_jax.data import (DataConfig, SampleBuilder, augment, image_caption_records, llava_records,  # noqa: E402
                              loader, mix, videochat_records, webvid_records)
 from vllama_jax.errors import ConfigError, NoUsableSample  # noqa: E402
 from vllama_jax.random_checkpoint import write_tokenizer  # noqa: E402
@@ -117,6 +117,13 @@ def test_images_eval_fill_and_instructions(data):
   b = next(ld)
   assert b["frames"].shape == (2, 1, S, S, 3) and b["ids"].shape[1] in range(64, 513, 64)
   assert ld.counts["too long"] >= 1 and ld.counts["bad annotation"] >= 1
+
+
+def test_a_broken_text_is_skipped_before_its_media_are_opened(data):
+  root, tok = data
+  recs = llava_records(str(root / "llava.json"), str(root / "nowhere") + "/")[:2]  # every image missing
+  builder = SampleBuilder(tok, DataConfig(**BASE, template="llama_v2"))
+  assert [builder(i, r)["broken"] for i, r in enumerate(recs)] == ["missing file", "too long"]
 
 
 def test_all_broken_shard_raises_instead_of_waiting(data):

@@ -133,27 +133,34 @@ class SampleBuilder:
     if record.get("broken"):
       raise text.BrokenSample(record["broken"])
     rng = np.random.default_rng([cfg.seed, cfg.shard_index or 0, index])
-    if record["kind"] == "caption":  # cheap text checks before decoding
+    # The text's checks come before the decoding: a broken text costs no decoding.
+    if record["kind"] == "caption":
       caption = record["caption"]
       caption = text.blip_caption(caption) if record.get("clean_caption") else caption
       if not caption.strip():
         raise text.BrokenSample("empty caption")
+    else:
+      ex = self.instruction(record, hint="")
     if record["media_type"] == "video" and self.features is not None:
       media, hint = self.features.arrays(record["media"])
     else:
       media, hint = self.media(record, rng)
-    out = {"broken": ""} | media
-    tok = self.tokenizer
     if record["kind"] == "caption":
       prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
-      ex = text.caption_example(tok, caption, cfg.runs, prompt, cfg.end_sym, cfg.max_txt_len)
+      ex = text.caption_example(self.tokenizer, caption, cfg.runs, prompt, cfg.end_sym, cfg.max_txt_len)
+    elif record["kind"] == "videochat" and hint and cfg.video:
+      ex = self.instruction(record, hint)
+    return {"broken": ""} | media | ex
+
+  def instruction(self, record: dict, hint: str) -> dict:
+    """The text arrays of a LLaVA or VideoChat record. The time hint follows the placeholders, so
+    whether the text is broken does not depend on it."""
+    cfg = self.cfg
+    if record["kind"] == "llava":
+      turns = text.llava_turns(record["conversations"], cfg.runs)
     else:
-      if record["kind"] == "llava":
-        turns = text.llava_turns(record["conversations"], cfg.runs)
-      else:
-        turns = text.videochat_turns(record["qa"], hint if cfg.video else "", cfg.runs, cfg.kinds)
-      ex = text.instruction_example(tok, turns, cfg.template, cfg.runs, cfg.max_len)
-    return out | ex
+      turns = text.videochat_turns(record["qa"], hint, cfg.runs, cfg.kinds)
+    return text.instruction_example(self.tokenizer, turns, cfg.template, cfg.runs, cfg.max_len)
 
   def media(self, record: dict, rng) -> tuple[dict, str]:
     """({"frames", and "filterbanks" with audio}, time hint) of a record's video or image. Without
