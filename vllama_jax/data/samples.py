@@ -133,14 +133,13 @@ class SampleBuilder:
     if record.get("broken"):
       raise text.BrokenSample(record["broken"])
     rng = np.random.default_rng([cfg.seed, cfg.shard_index or 0, index])
-    # The text's checks come before the decoding: a broken text costs no decoding.
-    if record["kind"] == "caption":
+    if record["kind"] == "caption":  # cheap text checks before decoding
       caption = record["caption"]
       caption = text.blip_caption(caption) if record.get("clean_caption") else caption
       if not caption.strip():
         raise text.BrokenSample("empty caption")
-    else:
-      ex = self.instruction(record, hint="")
+    elif record["kind"] == "llava":  # its text needs nothing from the image: a broken one costs no decoding
+      ex = self.instruction(text.llava_turns(record["conversations"], cfg.runs))
     if record["media_type"] == "video" and self.features is not None:
       media, hint = self.features.arrays(record["media"])
     else:
@@ -148,18 +147,12 @@ class SampleBuilder:
     if record["kind"] == "caption":
       prompt = cfg.prompts[int(rng.integers(len(cfg.prompts)))] if cfg.prompts else None
       ex = text.caption_example(self.tokenizer, caption, cfg.runs, prompt, cfg.end_sym, cfg.max_txt_len)
-    elif record["kind"] == "videochat" and hint and cfg.video:
-      ex = self.instruction(record, hint)
+    elif record["kind"] == "videochat":  # the first question holds the decoded video's time hint
+      ex = self.instruction(text.videochat_turns(record["qa"], hint if cfg.video else "", cfg.runs, cfg.kinds))
     return {"broken": ""} | media | ex
 
-  def instruction(self, record: dict, hint: str) -> dict:
-    """The text arrays of a LLaVA or VideoChat record. The time hint follows the placeholders, so
-    whether the text is broken does not depend on it."""
+  def instruction(self, turns) -> dict:
     cfg = self.cfg
-    if record["kind"] == "llava":
-      turns = text.llava_turns(record["conversations"], cfg.runs)
-    else:
-      turns = text.videochat_turns(record["qa"], hint, cfg.runs, cfg.kinds)
     return text.instruction_example(self.tokenizer, turns, cfg.template, cfg.runs, cfg.max_len)
 
   def media(self, record: dict, rng) -> tuple[dict, str]:
