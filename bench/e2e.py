@@ -161,20 +161,24 @@ def build(args, video_cfg, audio_cfg, workdir):
 
 
 def write_sources(args, video_cfg, audio_cfg, workdir):
-  """(torch parts, the released files' paths): the reference modules and the files they are saved as."""
+  """(torch parts, the released files' paths): the reference modules and the files they are saved as.
+  `audio_cfg` None: the video branch and the LLaMA alone (no ImageBind, no AL checkpoint)."""
   video = TorchVideoBranch(video_cfg, seed=20).eval()
   with torch.no_grad():  # eva_vit_g.pth is stored in fp16: the reference runs on the rounded weights
     for name, p in video.vision.named_parameters():
       if not name.startswith("post_layernorm"):
         p.copy_(p.half().float())
-  imagebind = reference_model(audio_cfg.audio, audio_cfg.vision, seed=30)
-  audio_qformer = hf_qformer(audio_cfg.qformer, seed=31)
-  audio_triples, audio_tokens = lavis_tensors(audio_qformer, audio_cfg.qformer, AUDIO_KEYS, seed=32)
-  positions = torch.randn(audio_cfg.num_positions, audio_cfg.qformer.encoder_width,
-                          generator=torch.Generator().manual_seed(33))
-  torch.manual_seed(34)
-  audio_proj = torch.nn.Linear(audio_cfg.qformer.hidden_size, args.hidden)
-  for module in (video.vision, video.image_qformer, video.video_qformer, audio_qformer):
+  modules = [video.vision, video.image_qformer, video.video_qformer]
+  if audio_cfg is not None:
+    imagebind = reference_model(audio_cfg.audio, audio_cfg.vision, seed=30)
+    audio_qformer = hf_qformer(audio_cfg.qformer, seed=31)
+    audio_triples, audio_tokens = lavis_tensors(audio_qformer, audio_cfg.qformer, AUDIO_KEYS, seed=32)
+    positions = torch.randn(audio_cfg.num_positions, audio_cfg.qformer.encoder_width,
+                            generator=torch.Generator().manual_seed(33))
+    torch.manual_seed(34)
+    audio_proj = torch.nn.Linear(audio_cfg.qformer.hidden_size, args.hidden)
+    modules.append(audio_qformer)
+  for module in modules:
     try:  # the strongest baseline: SDPA where transformers has it for the module
       module.set_attn_implementation("sdpa")
     except Exception:  # noqa: BLE001
@@ -187,8 +191,9 @@ def write_sources(args, video_cfg, audio_cfg, workdir):
       num_key_value_heads=max(1, args.hidden // 64), rms_norm_eps=1e-6, max_position_embeddings=2048,
       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
 
-  paths = {name: os.path.join(workdir, name) for name in (
-      "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "imagebind_huge.pth", "VL.pth", "AL.pth", LLAMA_DIR)}
+  names = ["eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "VL.pth", LLAMA_DIR]
+  paths = {name: os.path.join(workdir, name)
+           for name in names + (["imagebind_huge.pth", "AL.pth"] if audio_cfg is not None else [])}
   llama.save_pretrained(paths[LLAMA_DIR])
   write_tokenizer(paths[LLAMA_DIR])  # 384 SentencePiece pieces; the LLM's rows above are never prompted
   lavis = {k: torch.as_tensor(v) for k, v in lavis_state_dict(video.vision, video_cfg.vit).items()}
@@ -204,6 +209,8 @@ def write_sources(args, video_cfg, audio_cfg, workdir):
       "video_frame_position_embedding.weight": video.frame_positions.weight.detach(),
       "llama_proj.weight": video.llama_proj.weight.detach(), "llama_proj.bias": video.llama_proj.bias.detach()}
   torch.save({"model": vl}, paths["VL.pth"])
+  if audio_cfg is None:
+    return dict(video=video, llama=llama), paths
   torch.save(imagebind.state_dict(), paths["imagebind_huge.pth"])
   al = tensors(audio_triples) | {
       "audio_position_embedding.weight": positions,
@@ -214,16 +221,18 @@ def write_sources(args, video_cfg, audio_cfg, workdir):
 
 
 def convert(paths, video_cfg, audio_cfg, out, dtype="float32"):
-  """convert_weights.main on the released files into `out`, frozen parts in `dtype`."""
+  """convert_weights.main on the released files into `out`, frozen parts in `dtype` (the audio branch where
+  `paths` has its files)."""
   # convert_weights converts the release configs; here they are the reduced ones (as the e2e test does)
   saved = VideoBranchConfig.__dict__["release"], AudioBranchConfig.__dict__["release"]
   VideoBranchConfig.release = classmethod(lambda cls, h, **kw: video_cfg.replace(llm_hidden_size=h, **kw))
-  AudioBranchConfig.release = classmethod(lambda cls, h, **kw: audio_cfg.replace(llm_hidden_size=h, **kw))
+  if audio_cfg is not None:
+    AudioBranchConfig.release = classmethod(lambda cls, h, **kw: audio_cfg.replace(llm_hidden_size=h, **kw))
+  audio = ["--imagebind", paths["imagebind_huge.pth"], "--al-ckpt", paths["AL.pth"]] if "AL.pth" in paths else []
   try:
     code = convert_weights.main([
         "--llama", paths[LLAMA_DIR], "--eva", paths["eva_vit_g.pth"], "--blip2", paths["blip2_pretrained_flant5xxl.pth"],
-        "--vl-ckpt", paths["VL.pth"], "--imagebind", paths["imagebind_huge.pth"], "--al-ckpt", paths["AL.pth"],
-        "--out", out, "--dtype", dtype])
+        "--vl-ckpt", paths["VL.pth"], *audio, "--out", out, "--dtype", dtype])
   finally:
     VideoBranchConfig.release, AudioBranchConfig.release = saved
   if code != 0:

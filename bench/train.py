@@ -1,5 +1,5 @@
-"""CPU benchmark, training (issue 6): one VL-stage train step, ours vs a PyTorch reference step with the
-same weights, timed in turns in one run.
+"""Benchmark, training (issue 6): one VL-stage train step, ours vs a PyTorch reference step with the
+same weights, timed in turns in one run, on this CPU or on a GPU (`--device`).
 
 Weights: bench/e2e.py's `build` makes a reduced Video-LLaMA with the torch references (transformers'
 Blip2VisionModel / Blip2QFormerModel with tests' TorchVideoBranch glue, LlamaForCausalLM), writes the
@@ -38,6 +38,12 @@ scaled_dot_product_attention: the part of the frozen encoders' gap that is not m
 
   python bench/train.py            # reduced config (printed); a few minutes on 2 idle CPU cores
   python bench/train.py --quick    # tiny smoke configuration
+
+On a GPU (JAX's default backend a GPU, torch built with CUDA) PyTorch runs there too (`--device auto`),
+every timed torch call ends in torch.cuda.synchronize(), the bf16 rows are on by default, and fp32
+matmuls are full fp32 on both sides (JAX's default would use TF32 where torch's does not). Set
+XLA_PYTHON_CLIENT_MEM_FRACTION so that JAX leaves room for torch. bench/device.sh runs it so on a lent
+GPU machine.
 """
 
 from __future__ import annotations
@@ -87,13 +93,19 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=None, help="timed turns (default 3, --quick 10)")
   p.add_argument("--layer-list", action="store_true", help="time our step with the LLaMA layers as a list")
   p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                 help="the frozen-in-bf16 rows (default: only where the CPU has bf16 units, avx512_bf16 or "
-                      "amx_bf16; without them PyTorch's bf16 step takes minutes)")
+                 help="the frozen-in-bf16 rows (default: on a GPU, or where the CPU has bf16 units, avx512_bf16 "
+                      "or amx_bf16; without them PyTorch's bf16 step takes minutes)")
+  p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                 help="PyTorch's device (auto: cuda where JAX's default backend is a GPU and torch sees one); "
+                      "ours runs on JAX's default backend")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
+  if args.device == "auto":
+    args.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  args.device = torch.device(args.device)
   if args.bf16 is None:
-    args.bf16 = cpu_has_bf16_units()
-  args.audio_depth = 1  # e2e.build writes an AL checkpoint too; a tiny one, never loaded here
+    args.bf16 = args.device.type == "cuda" or cpu_has_bf16_units()
+  args.audio_depth = 1  # e2e.configs makes an audio branch config too; it is never built here
   if args.quick:
     args.hidden, args.layers, args.vocab, args.batch, args.text_length = 64, 2, 1000, 2, 48
   if args.repeats is None:
@@ -108,6 +120,17 @@ def cpu_has_bf16_units() -> bool:
   except OSError:
     return False
   return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def synced(fn, device: torch.device):
+  """`fn`, returning only once the device has finished what it queued (torch's CUDA calls are asynchronous)."""
+  if device.type != "cuda":
+    return fn
+  def call():
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out
+  return call
 
 
 def make_batch(args, image_size, queries, seed=0) -> dict:
@@ -134,10 +157,11 @@ class TorchStep:
   """Video-LLaMA's VL-stage forward (BOS + video rows + text, HF's shifted-label loss), backward and
   AdamW on the trainables, frozen modules in eval() with requires_grad False."""
 
-  def __init__(self, parts, batch, queries, frozen_dtype=torch.float32):
-    self.branch, self.llama = parts["video"], parts["llama"]
+  def __init__(self, parts, batch, queries, frozen_dtype=torch.float32, device=torch.device("cpu")):
+    self.branch, self.llama = parts["video"].to(device), parts["llama"].to(device)
     self.queries = queries
     self.dtype = frozen_dtype
+    self.device = device
     self.branch.eval()  # dropout off everywhere (see the module docstring)
     self.llama.eval()
     for p in self.branch.parameters():
@@ -146,8 +170,10 @@ class TorchStep:
       p.requires_grad_(False)
     for frozen in (self.branch.vision, self.branch.image_qformer, self.llama):
       frozen.to(frozen_dtype)
-    tokens = self.branch.video_keys[1].requires_grad_(True)  # a plain tensor used by forward
-    named = [("video_query_tokens", tokens)]
+    # The query tokens are plain tensors beside the modules, moved here by hand.
+    self.image_tokens = self.branch.image_keys[1].detach().to(device, frozen_dtype)
+    self.video_tokens = self.branch.video_keys[1].detach().to(device).requires_grad_(True)
+    named = [("video_query_tokens", self.video_tokens)]
     for prefix in ("video_qformer", "frame_positions", "llama_proj"):
       for name, p in getattr(self.branch, prefix).named_parameters():
         p.requires_grad_(True)
@@ -160,10 +186,10 @@ class TorchStep:
         [{"params": [p for n, p in named if not nodecay(n, p)], "weight_decay": WEIGHT_DECAY},
          {"params": [p for n, p in named if nodecay(n, p)], "weight_decay": 0.0}],
         lr=LR, betas=BETAS, eps=EPS)
-    self.frames = torch.from_numpy(np.ascontiguousarray(batch["frames"].transpose(0, 1, 4, 2, 3))).to(frozen_dtype)
-    self.ids = torch.from_numpy(batch["ids"]).long()
-    self.labels = torch.from_numpy(batch["labels"]).long()
-    self.mask = torch.from_numpy(batch["attention_mask"]).long()
+    frames = torch.from_numpy(np.ascontiguousarray(batch["frames"].transpose(0, 1, 4, 2, 3)))
+    self.frames = frames.to(device, frozen_dtype)
+    self.ids, self.labels, self.mask = (torch.from_numpy(batch[k]).long().to(device)
+                                        for k in ("ids", "labels", "attention_mask"))
 
   def __call__(self) -> float:
     """TorchVideoBranch.forward with the frozen part in `frozen_dtype` and the trainable part in fp32 (as
@@ -172,8 +198,9 @@ class TorchStep:
     b, t = self.frames.shape[:2]
     br = self.branch
     frames = self.frozen_encoders().float()
-    frames = frames.reshape(b, t, frames.shape[1], -1) + br.frame_positions(torch.arange(t))[None, :, None, :]
-    video = br.video_qformer(query_embeds=br.video_keys[1].expand(b, -1, -1),
+    positions = br.frame_positions(torch.arange(t, device=self.device))
+    frames = frames.reshape(b, t, frames.shape[1], -1) + positions[None, :, None, :]
+    video = br.video_qformer(query_embeds=self.video_tokens.expand(b, -1, -1),
                              encoder_hidden_states=frames.reshape(b, -1, frames.shape[-1])).last_hidden_state
     video = br.llama_proj(video).to(self.dtype)  # (B, 32, H)
     embed = self.llama.model.embed_tokens
@@ -182,14 +209,14 @@ class TorchStep:
     loss = self.llama(inputs_embeds=embeds, attention_mask=self.mask, labels=self.labels).loss
     loss.backward()
     self.optimizer.step()
-    return loss.item()
+    return loss.item()  # waits for the device
 
   def frozen_encoders(self):
     """The frozen part of the forward alone, as the step runs it (no graph is recorded there)."""
     b, t = self.frames.shape[:2]
     with torch.no_grad():
       embeds = self.branch.vision(pixel_values=self.frames.flatten(0, 1)).last_hidden_state
-      tokens = self.branch.image_keys[1].to(self.dtype).expand(b * t, -1, -1)
+      tokens = self.image_tokens.expand(b * t, -1, -1)
       return self.branch.image_qformer(query_embeds=tokens, encoder_hidden_states=embeds).last_hidden_state
 
   def scalars_with_grad(self) -> int:
@@ -233,7 +260,7 @@ class OurStep:
     return lambda: features(state, self.batch["frames"]).block_until_ready()
 
 
-def gemm_rates(m: int, k: int, n: int, bf16: bool = False):
+def gemm_rates(m: int, k: int, n: int, bf16: bool, device: torch.device):
   """Blocking (m, k) @ (k, n) calls, JAX and PyTorch, on the same random operands: fp32, and with `bf16`
   bf16 operands too (accumulated in fp32 and rounded once, as our `Linear` and torch's bf16 mm run them)."""
   rng = np.random.default_rng(0)
@@ -243,34 +270,37 @@ def gemm_rates(m: int, k: int, n: int, bf16: bool = False):
     ja, jb = jax.device_put(a).astype(jdtype), jax.device_put(b).astype(jdtype)
     matmul = jax.jit(matmul_ours)
     matmul(ja, jb).block_until_ready()
-    ta, tb = torch.from_numpy(a).to(tdtype), torch.from_numpy(b).to(tdtype)
+    ta, tb = torch.from_numpy(a).to(device, tdtype), torch.from_numpy(b).to(device, tdtype)
     calls |= {f"ours gemm{name}": lambda f=matmul, x=ja, y=jb: f(x, y).block_until_ready(),
-              f"torch gemm{name}": lambda x=ta, y=tb: torch.mm(x, y)}
+              f"torch gemm{name}": synced(lambda x=ta, y=tb: torch.mm(x, y), device)}
   return calls
 
 
-def attention_calls(frames: int, tokens: int, heads: int, head_dim: int):
+def attention_calls(frames: int, tokens: int, heads: int, head_dim: int, device: torch.device):
   """EVA's self-attention alone on the step's shape (every frame at once, no mask), fp32: our
-  `dot_product_attention` jitted, and PyTorch's `scaled_dot_product_attention` (its fused CPU kernel)."""
+  `dot_product_attention` jitted, and PyTorch's `scaled_dot_product_attention` (its fused kernel)."""
   x = np.random.default_rng(0).standard_normal((frames, tokens, heads, head_dim), dtype=np.float32)
   jx = jax.device_put(x)
   ours = jax.jit(lambda q: dot_product_attention(q, q, q, None))
   ours(jx).block_until_ready()
-  tx = torch.from_numpy(x).transpose(1, 2).contiguous()  # (frames, heads, tokens, head_dim)
+  tx = torch.from_numpy(x).transpose(1, 2).contiguous().to(device)  # (frames, heads, tokens, head_dim)
+  sdpa = torch.nn.functional.scaled_dot_product_attention
   return {"ours attention": lambda: ours(jx).block_until_ready(),
-          "torch attention": lambda: torch.nn.functional.scaled_dot_product_attention(tx, tx, tx)}
+          "torch attention": synced(lambda: sdpa(tx, tx, tx), device)}
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  video_cfg, audio_cfg = e2e.configs(args)
-  if not args.quick:  # the audio branch is written (e2e.build writes AL.pth) but not loaded
-    _, audio_cfg = e2e.configs(argparse.Namespace(quick=True, hidden=args.hidden))
+  video_cfg, _ = e2e.configs(args)
   v, q = video_cfg.vit, video_cfg.video_qformer
   queries = q.num_query_tokens
   if args.text_length <= 1 + queries:
     raise SystemExit(f"--text-length {args.text_length} leaves no room for text after BOS and {queries} video rows")
-  print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} threads {torch.get_num_threads()}; "
+  if args.device.type == "cuda":  # full fp32 products on both sides, as on a CPU
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  torch_on = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+  print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} on {args.device} ({torch_on}); "
         f"transformers {transformers.__version__}; {os.cpu_count()} CPUs")
   print(f"config{' (--quick)' if args.quick else ''}: fp32; EVA width {v.width} heads {v.heads} MLP {v.mlp_dim} "
         f"depth {v.depth} at {v.image_size} px; image Q-Former {video_cfg.image_qformer.num_layers} layers; video "
@@ -283,16 +313,16 @@ def main(argv=None) -> int:
                                              weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], eps=EPS))
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    parts, paths = e2e.write_sources(args, video_cfg, audio_cfg, workdir)
+    parts, paths = e2e.write_sources(args, video_cfg, None, workdir)
     half_parts = copy.deepcopy(parts) if args.bf16 else None
     def our_step(dtype):
-      converted = e2e.convert(paths, video_cfg, audio_cfg, os.path.join(workdir, dtype), dtype)
+      converted = e2e.convert(paths, video_cfg, None, os.path.join(workdir, dtype), dtype)
       return OurStep(load_video_llama(converted, audio=False, scan_layers=not args.layer_list), optimizer, batch)
     ours = our_step("float32")
     ours_half = our_step("bfloat16") if args.bf16 else None
     print(f"built, written and converted in {time.perf_counter() - start:.1f}s")
-  ref = TorchStep(parts, batch, queries)
-  ref_half = TorchStep(half_parts, batch, queries, frozen_dtype=torch.bfloat16) if args.bf16 else None
+  ref = TorchStep(parts, batch, queries, device=args.device)
+  ref_half = TorchStep(half_parts, batch, queries, torch.bfloat16, args.device) if args.bf16 else None
   flops = ours.step.flops(ours.state, ours.batch)
   targets = int((batch["labels"][:, 1:] != -100).sum())
 
@@ -310,7 +340,7 @@ def main(argv=None) -> int:
   losses["ours from features"] = [featured(), featured()]
   record = lambda side, fn: lambda: losses[side].append(fn())  # noqa: E731
   contenders = {"ours": record("ours", ours), "torch": record("torch", ref),
-                "ours frozen": ours_frozen, "torch frozen": ref.frozen_encoders,
+                "ours frozen": ours_frozen, "torch frozen": synced(ref.frozen_encoders, args.device),
                 "ours from features": record("ours from features", featured)}
   if args.bf16:
     losses["ours bf16"] = [ours_half(), ours_half()]
@@ -318,14 +348,14 @@ def main(argv=None) -> int:
     ours_half_frozen = ours_half.frozen_encoders()
     ours_half_frozen()
     contenders |= {"ours bf16": record("ours bf16", ours_half), "torch bf16": record("torch bf16", ref_half),
-                   "ours bf16 frozen": ours_half_frozen, "torch bf16 frozen": ref_half.frozen_encoders}
+                   "ours bf16 frozen": ours_half_frozen, "torch bf16 frozen": synced(ref_half.frozen_encoders, args.device)}
 
   tokens_per_frame = (v.image_size // v.patch_size) ** 2 + 1
   gemm = (args.batch * args.frames * tokens_per_frame, v.width, v.mlp_dim)
   if not args.quick:  # at tiny widths a lone matmul measures dispatch, not a rate
-    contenders |= gemm_rates(*gemm, bf16=args.bf16)
+    contenders |= gemm_rates(*gemm, args.bf16, args.device)
     attention_shape = (args.batch * args.frames, tokens_per_frame, v.heads, v.width // v.heads)
-    contenders |= attention_calls(*attention_shape)
+    contenders |= attention_calls(*attention_shape, args.device)
   times = median_times(contenders, args.repeats)
   o, t, f = (np.array(losses[k]) for k in ("ours", "torch", "ours from features"))
   rel = np.abs(o - t) / np.abs(t)
@@ -363,7 +393,9 @@ def main(argv=None) -> int:
               times["torch bf16"] - times["torch bf16 frozen"], "step - frozen")]
   for name, ot, tt, note in rows:
     print(f"{name:27s} ours {ot * 1e3:8.0f} ms  torch {tt * 1e3:8.0f} ms  ratio {tt / ot:5.2f}  {note}")
-  print(f"MFU (ours): {flops / times['ours'] / peak:.1%} of the measured fp32 matmul rate {peak / 1e9:.1f} GFLOP/s; "
+  peak_is = ("the measured fp32 matmul rate" if jax.default_backend() == "cpu"
+             else f"the tabled peak of {jax.devices()[0].device_kind}")
+  print(f"MFU (ours): {flops / times['ours'] / peak:.1%} of {peak_is}, {peak / 1e9:.1f} GFLOP/s; "
         f"{flops / 1e9:.4g} GFLOP per step (the forward and backward matmuls, every scanned layer and block "
         f"counted, as train.py's MFU counts them)")
   if not args.quick:
@@ -390,7 +422,7 @@ def main(argv=None) -> int:
   print(f"  with frozen features: {times['torch'] / times['ours from features']:.2f}x (not like for like)")
   if args.bf16:
     print(f"  with the frozen weights in bf16 on both sides: {times['torch bf16'] / times['ours bf16']:.2f}x")
-  elif cpu_has_bf16_units():
+  elif args.device.type == "cuda" or cpu_has_bf16_units():
     print("  (no bf16 rows: --no-bf16)")
   else:
     print("  (no bf16 rows: this CPU has no bf16 units; --bf16 adds them)")
