@@ -4,14 +4,14 @@
 # package index):
 #
 #   bench/device.sh fetch     # here: the wheels the image lacks, into .whl/ (git-ignored, about 45 MB)
-#   run(command="bench/device.sh", carry=[".whl"], timeout_s=590)     # there; "bench/device.sh bench"
+#   run(command="bench/device.sh", carry=[".whl"], timeout_s=600)     # there; "bench/device.sh bench"
 #                                                                     # or "... main" runs one half
 #
 # There, it installs those wheels beside the image's jax, torch and transformers, then writes into $OUT:
 #   env.log                  the GPU, the versions in use
 #   bench_train.log          bench/train.py at its CPU configuration (the README's), PyTorch on the GPU
 #   bench_train_wide.log     the same at LLaMA-7B width (EVA 8 of 39 blocks, image Q-Former 12 layers,
-#                            LLaMA 4096 x 4 layers, batch 8)
+#                            LLaMA 4096 x 2 layers, batch 8)
 #   main_job.log, summary.json   the README's main job (train.py --config configs/synthetic.py) on the GPU
 # Each step has its own time limit, so that a hang in one still leaves the others' logs.
 set -uo pipefail
@@ -56,12 +56,12 @@ print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'o
 
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  timeout 170 python3 bench/train.py --repeats 10 2>&1 | tee "$out/bench_train.log"
-  timeout 200 python3 bench/train.py --repeats 10 --vit-depth 8 --image-qformer-layers 12 --hidden 4096 \
-    --layers 4 --batch 8 2>&1 | tee "$out/bench_train_wide.log"
+  timeout 140 python3 bench/train.py --repeats 10 2>&1 | tee "$out/bench_train.log"
+  timeout 210 python3 bench/train.py --repeats 10 --vit-depth 8 --image-qformer-layers 12 --hidden 4096 \
+    --layers 2 --batch 8 2>&1 | tee "$out/bench_train_wide.log"
 fi
 if [ "$what" = all ] || [ "$what" = main ]; then
-  timeout 220 python3 train.py --config configs/synthetic.py --workdir /tmp/synthetic 2>&1 | tee "$out/main_job.log"
+  timeout 210 python3 train.py --config configs/synthetic.py --workdir /tmp/synthetic 2>&1 | tee "$out/main_job.log"
   cp /tmp/synthetic/summary.json "$out/" 2>/dev/null
 fi
 exit 0
