@@ -45,6 +45,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "no wheels: run 'bench/device.sh fetch' here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # JAX preallocates; leave the rest to PyTorch
+smoke='import jax, vllama_jax.train.step, vllama_jax.pretrained
+from flax import nnx
+print(jax.jit(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))(jax.numpy.ones((1, 2))).devices())'
+if ! python3 -c "$smoke"; then  # our Flax / Optax / Orbax pins do not run on the image's jax: take its own
+  echo "falling back to the image's flax, optax and orbax-checkpoint" | tee "$out/fallback.log"
+  rm -rf /tmp/site/flax /tmp/site/flax-* /tmp/site/optax /tmp/site/optax-* /tmp/site/orbax /tmp/site/orbax_checkpoint-*
+  python3 -c "$smoke" 2>&1 | tee -a "$out/fallback.log"
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nproc
