@@ -3,9 +3,9 @@
 # time per task, at most 10 minutes per command; its image has jax, torch, transformers, numpy, but no
 # package index):
 #
-#   bench/device.sh fetch     # here: the wheels the image lacks, into .whl/ (git-ignored, about 45 MB)
-#   run(command="bench/device.sh", carry=[".whl"], timeout_s=600)     # there; "bench/device.sh bench"
-#                                                                     # or "... main" runs one half
+#   bench/device.sh fetch     # here: the wheels the image lacks, into .whl/ (git-ignored, 47 MB)
+#   run(command="bench/device.sh", carry=[".whl"], timeout_s=600)     # there: "train" and "main" below
+#   run(command="bench/device.sh llama", carry=[".whl"], timeout_s=300)  # a second call, if time is left
 #
 # There, it installs those wheels beside the image's jax, torch and transformers, then writes into $OUT:
 #   env.log                  the GPU, the versions in use
@@ -13,6 +13,7 @@
 #   bench_train_wide.log     the same at LLaMA-7B width (EVA 8 of 39 blocks, image Q-Former 12 layers,
 #                            LLaMA 4096 x 2 layers, batch 8)
 #   main_job.log, summary.json   the README's main job (train.py --config configs/synthetic.py) on the GPU
+#   bench_llama.log          bench/llama.py in bf16 at LLaMA-7B width, 8 layers (forward, KV-cache decoding)
 # Each step has its own time limit, so that a hang in one still leaves the others' logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,7 @@ print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'o
 } 2>&1 | tee "$out/env.log"
 
 what=${1:-all}
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if [ "$what" = all ] || [ "$what" = train ]; then
   timeout 140 python3 bench/train.py --repeats 10 2>&1 | tee "$out/bench_train.log"
   timeout 210 python3 bench/train.py --repeats 10 --vit-depth 8 --image-qformer-layers 12 --hidden 4096 \
     --layers 2 --batch 8 2>&1 | tee "$out/bench_train_wide.log"
@@ -71,5 +72,9 @@ fi
 if [ "$what" = all ] || [ "$what" = main ]; then
   timeout 210 python3 train.py --config configs/synthetic.py --workdir /tmp/synthetic 2>&1 | tee "$out/main_job.log"
   cp /tmp/synthetic/summary.json "$out/" 2>/dev/null
+fi
+if [ "$what" = llama ]; then
+  timeout 250 python3 bench/llama.py --dtype bfloat16 --hidden 4096 --layers 8 --repeats 5 2>&1 \
+    | tee "$out/bench_llama.log"
 fi
 exit 0

@@ -1,4 +1,6 @@
-"""CPU benchmark: our JAX LLaMA vs. Hugging Face's PyTorch LlamaForCausalLM with the same weights.
+"""Benchmark: our JAX LLaMA vs. Hugging Face's PyTorch LlamaForCausalLM with the same weights, on this CPU
+or on a GPU (`--device`: where JAX's default backend is a GPU, torch runs on CUDA and its timed calls
+synchronise).
 
 Times a full forward pass (logits) and greedy KV-cache decoding from prompt embeddings, checks that
 both frameworks agree, and prints PyTorch/JAX time ratios (> 1 means JAX is faster).
@@ -6,6 +8,7 @@ both frameworks agree, and prints PyTorch/JAX time ratios (> 1 means JAX is fast
   python bench/llama.py                     # hidden 1024, 8 layers, seq 512 x batch 4, decode 1 and 8
   python bench/llama.py --dtype bfloat16 --eager
   python bench/llama.py --quick             # tiny smoke configuration
+  python bench/llama.py --dtype bfloat16    # on a GPU
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from timing import median_times  # noqa: E402
+from timing import median_times, synced, torch_device, torch_where  # noqa: E402
 from vllama_jax.torch_compat import install_torchvision_shim  # noqa: E402
 
 install_torchvision_shim()  # before transformers imports a model (and with it torchvision)
@@ -55,8 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eager", action="store_true", help="also time HF attn_implementation='eager'")
   p.add_argument("--scanned-decode", action="store_true",
                  help="also time decoding with the scanned (stacked) layer layout")
+  p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                 help="PyTorch's device (auto: cuda where JAX's default backend is a GPU and torch sees one)")
   p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
   args = p.parse_args(argv)
+  args.device = torch_device(args.device)
   if args.quick:
     args.hidden, args.layers, args.vocab, args.seq, args.batch = 128, 2, 1000, 64, 2
     args.prompt, args.new_tokens, args.repeats, args.ffn = 32, 16, 2, None
@@ -81,7 +87,7 @@ def build_models(args, workdir: str):
     f.write("{}")  # the converter copies tokenizer files; none is needed here
   if convert_weights.main(["--llama", hf_dir, "--out", out_dir, "--dtype", args.dtype]) != 0:
     raise SystemExit("conversion failed")
-  return hf, out_dir
+  return hf.to(args.device), out_dir
 
 
 def hf_variant(hf, attn: str):
@@ -105,13 +111,13 @@ def bench_forward(args, hf, model, attn_impls, rows):
   compile_s = time.perf_counter() - start
   j_logits = np.asarray(j_logits)
 
-  t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  t_ids, t_mask = torch.from_numpy(ids).to(args.device), torch.from_numpy(mask).to(args.device)
   fns, t_logits = {"jax": lambda: forward(state, j_ids, j_mask).block_until_ready()}, {}
   with torch.inference_mode():
     for attn in attn_impls:
       model_t = hf_variant(hf, attn)
-      t_logits[attn] = model_t(t_ids, attention_mask=t_mask).logits.float().numpy()  # warm-up
-      fns[attn] = lambda attn=attn: hf_variant(hf, attn)(t_ids, attention_mask=t_mask)
+      t_logits[attn] = model_t(t_ids, attention_mask=t_mask).logits.float().cpu().numpy()  # warm-up
+      fns[attn] = synced(lambda attn=attn: hf_variant(hf, attn)(t_ids, attention_mask=t_mask), args.device)
     secs = median_times(fns, args.repeats)
   for attn in attn_impls:
     diff = np.abs(t_logits[attn] - j_logits)
@@ -127,10 +133,10 @@ def bench_forward(args, hf, model, attn_impls, rows):
 
 def bench_decode(args, hf, model, batch, attn_impls, rows, label=""):
   torch.manual_seed(1)
-  ids = torch.randint(3, args.vocab, (batch, args.prompt))
+  ids = torch.randint(3, args.vocab, (batch, args.prompt)).to(args.device)
   with torch.inference_mode():
     embeds_t = hf.get_input_embeddings()(ids)  # identical prompt embeddings for both frameworks
-  embeds_np = embeds_t.float().numpy()
+  embeds_np = embeds_t.float().cpu().numpy()
   prompts = [jnp.asarray(embeds_np[i], model.dtype) for i in range(batch)]
   cfg = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True, eos_token_id=None)
   gen = Generator(model, length_multiple=64)
@@ -139,7 +145,7 @@ def bench_decode(args, hf, model, batch, attn_impls, rows, label=""):
   j_tokens = gen(prompts, cfg).tokens
   compile_s = time.perf_counter() - start
 
-  mask = torch.ones(batch, args.prompt, dtype=torch.long)
+  mask = torch.ones(batch, args.prompt, dtype=torch.long, device=args.device)
 
   def hf_generate(attn, new_tokens=args.new_tokens):
     return hf_variant(hf, attn).generate(
@@ -152,13 +158,13 @@ def bench_decode(args, hf, model, batch, attn_impls, rows, label=""):
   fns = {"jax": lambda: gen(prompts, cfg), "jax prefill": lambda: gen(prompts, prefill_cfg)}
   with torch.inference_mode():
     for attn in attn_impls:
-      t_tokens = hf_generate(attn)[:, -args.new_tokens:].numpy()  # warm-up; holds only new tokens
+      t_tokens = hf_generate(attn)[:, -args.new_tokens:].cpu().numpy()  # warm-up; holds only new tokens
       match = np.array_equal(t_tokens, j_tokens)
       first_diff = "" if match else (
           f", first mismatch at step {int(np.argmax((t_tokens != j_tokens).any(0)))}")
       print(f"decode B{batch} [{attn}]: generated tokens identical: {match}{first_diff}")
-      fns[attn] = lambda attn=attn: hf_generate(attn)
-      fns[attn + " prefill"] = lambda attn=attn: hf_generate(attn, 1)
+      fns[attn] = synced(lambda attn=attn: hf_generate(attn), args.device)
+      fns[attn + " prefill"] = synced(lambda attn=attn: hf_generate(attn, 1), args.device)
     secs = median_times(fns, args.repeats)
   new = batch * args.new_tokens
   steps = args.new_tokens - 1
@@ -188,8 +194,8 @@ def print_table(rows):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  print(f"jax {jax.__version__} devices {jax.devices()}; torch {torch.__version__} "
-        f"threads {torch.get_num_threads()}; transformers {transformers.__version__}")
+  print(f"jax {jax.__version__} devices {jax.devices()}; torch {torch.__version__} on {args.device} "
+        f"({torch_where(args.device)}); transformers {transformers.__version__}")
   print("config:", json.dumps({k: getattr(args, k) for k in (
       "hidden", "layers", "heads", "ffn", "vocab", "seq", "batch", "prompt", "decode_batches",
       "new_tokens", "dtype", "repeats")}))

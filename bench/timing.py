@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks."""
+"""Timing shared by the benchmarks, and the torch device they compare against."""
 
 import statistics
 import time
@@ -22,3 +22,39 @@ def median_times(fns: dict, repeats: int, settle_s: float = 0.0) -> dict:
       fn()
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def synced(fn, device):
+  """`fn`, returning only once `device` (a torch.device) has finished what it queued: torch's CUDA
+  calls are asynchronous. On a CPU, `fn` itself."""
+  if device.type != "cuda":
+    return fn
+  import torch
+
+  def call():
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out
+  return call
+
+
+def torch_device(choice: str):
+  """The torch.device for `--device` `choice`; "auto": cuda where JAX's default backend is a GPU and
+  torch sees one. On cuda, fp32 matmuls become full fp32 on both sides, as on a CPU: JAX's default
+  precision would run them as TF32, torch's does not."""
+  import jax
+  import torch
+
+  if choice == "auto":
+    choice = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  if choice == "cuda":
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  return torch.device(choice)
+
+
+def torch_where(device) -> str:
+  """Where torch runs, for a benchmark's header: the GPU's name, or the CPU threads it uses."""
+  import torch
+
+  return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

@@ -65,7 +65,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from timing import median_times  # noqa: E402
+from timing import median_times, synced, torch_device, torch_where  # noqa: E402
 from vllama_jax.layers.attention import dot_product_attention  # noqa: E402
 from vllama_jax.layers.linear import matmul as matmul_ours  # noqa: E402
 from vllama_jax.pretrained import load_video_llama  # noqa: E402
@@ -100,9 +100,7 @@ def parse_args(argv=None):
                       "ours runs on JAX's default backend")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
-  if args.device == "auto":
-    args.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  args.device = torch.device(args.device)
+  args.device = torch_device(args.device)
   if args.bf16 is None:
     args.bf16 = args.device.type == "cuda" or cpu_has_bf16_units()
   args.audio_depth = 1  # e2e.configs makes an audio branch config too; it is never built here
@@ -120,17 +118,6 @@ def cpu_has_bf16_units() -> bool:
   except OSError:
     return False
   return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def synced(fn, device: torch.device):
-  """`fn`, returning only once the device has finished what it queued (torch's CUDA calls are asynchronous)."""
-  if device.type != "cuda":
-    return fn
-  def call():
-    out = fn()
-    torch.cuda.synchronize(device)
-    return out
-  return call
 
 
 def make_batch(args, image_size, queries, seed=0) -> dict:
@@ -296,12 +283,8 @@ def main(argv=None) -> int:
   queries = q.num_query_tokens
   if args.text_length <= 1 + queries:
     raise SystemExit(f"--text-length {args.text_length} leaves no room for text after BOS and {queries} video rows")
-  if args.device.type == "cuda":  # full fp32 products on both sides, as on a CPU
-    jax.config.update("jax_default_matmul_precision", "highest")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-  torch_on = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"{torch.get_num_threads()} threads"
-  print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} on {args.device} ({torch_on}); "
-        f"transformers {transformers.__version__}; {os.cpu_count()} CPUs")
+  print(f"jax {jax.__version__} {jax.devices()}; torch {torch.__version__} on {args.device} "
+        f"({torch_where(args.device)}); transformers {transformers.__version__}; {os.cpu_count()} CPUs")
   print(f"config{' (--quick)' if args.quick else ''}: fp32; EVA width {v.width} heads {v.heads} MLP {v.mlp_dim} "
         f"depth {v.depth} at {v.image_size} px; image Q-Former {video_cfg.image_qformer.num_layers} layers; video "
         f"Q-Former {q.num_layers} layers width {q.hidden_size}, {queries} queries; LLaMA hidden {args.hidden} x "
@@ -348,7 +331,8 @@ def main(argv=None) -> int:
     ours_half_frozen = ours_half.frozen_encoders()
     ours_half_frozen()
     contenders |= {"ours bf16": record("ours bf16", ours_half), "torch bf16": record("torch bf16", ref_half),
-                   "ours bf16 frozen": ours_half_frozen, "torch bf16 frozen": synced(ref_half.frozen_encoders, args.device)}
+                   "ours bf16 frozen": ours_half_frozen,
+                   "torch bf16 frozen": synced(ref_half.frozen_encoders, args.device)}
 
   tokens_per_frame = (v.image_size // v.patch_size) ** 2 + 1
   gemm = (args.batch * args.frames * tokens_per_frame, v.width, v.mlp_dim)
