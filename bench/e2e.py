@@ -186,7 +186,8 @@ def write_sources(args, video_cfg, audio_cfg, workdir):
 
   torch.manual_seed(40)
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2816 if args.hidden == 1024 else 4 * args.hidden,
+      vocab_size=args.vocab, hidden_size=args.hidden,
+      intermediate_size=2816 if args.hidden == 1024 else 256 * -(-8 * args.hidden // 3 // 256),  # LLaMA's rule
       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
       num_key_value_heads=max(1, args.hidden // 64), rms_norm_eps=1e-6, max_position_embeddings=2048,
       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
