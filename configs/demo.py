@@ -5,6 +5,8 @@
 
 import ml_collections
 
+from vllama_jax.errors import ConfigError
+
 SIZES = {
     # hidden, layers, heads, ffn
     "tiny": (64, 2, 4, 172),
@@ -14,7 +16,7 @@ SIZES = {
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant not in SIZES:
-    raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(SIZES)}")
+    raise ConfigError(f"unknown variant {variant!r}; expected one of {sorted(SIZES)}")
   hidden, layers, heads, ffn = SIZES[variant]
   c = ml_collections.ConfigDict()
   c.seed = 0

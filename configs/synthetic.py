@@ -18,12 +18,14 @@ same runs without the evaluations along the way, scored on 100 held-out videos; 
 
 import ml_collections
 
+from vllama_jax.errors import ConfigError
+
 VARIANTS = ("", "no_frame_positions", "quick", "test", "test_no_frame_positions", "ci", "ci_no_frame_positions")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    raise ConfigError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = (-1, 1, 1)

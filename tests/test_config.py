@@ -93,6 +93,8 @@ def test_unknown_or_mistyped_override_is_an_error():
     parse_config_args(["--config.sampling.greedy=maybe"], DEMO)
   with pytest.raises(ConfigError, match="does not exist"):
     load_config_file("configs/missing.py")
+  with pytest.raises(ConfigError, match=r"demo.py': unknown variant 'huge'; expected one of \['small', 'tiny'\]"):
+    load_config_file(f"{DEMO}:huge")
   config = load_config_file(DEMO)
   with pytest.raises(AttributeError):  # locked: no new keys by assignment either
     config.new_key = 1
@@ -108,6 +110,20 @@ def test_unknown_or_mistyped_override_is_an_error():
   apply_override(stage, "trainable", r"['video_branch\.llama_proj\..*']")
   assert stage.trainable == [r"video_branch\.llama_proj\..*"]
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_a_bad_variant_is_an_error_line_not_a_traceback(tmp_path, capsys):
+  import train
+  plain = tmp_path / "plain.py"
+  plain.write_text("import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict({'a': 1})\n")
+  with pytest.raises(ConfigError, match=r"plain.py' has no variants; got 'big'"):
+    load_config_file(f"{plain}:big")
+  workdir = tmp_path / "run"
+  assert train.main(["--config", "configs/synthetic.py:no_frame_position", "--workdir", str(workdir)]) == 2
+  assert not workdir.exists()  # nothing was started
+  err = capsys.readouterr().err
+  assert err.startswith("error: config file 'configs/synthetic.py': unknown variant 'no_frame_position'")
+  assert "'no_frame_positions'" in err
 
 
 def test_overrides_index_into_lists_of_datasets():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vllama_jax.data import synthetic as S
+from vllama_jax.errors import ConfigError
 from vllama_jax.data.formats import videochat_records, webvid_records
 from vllama_jax.media.audio import audio_features, load_audio
 from vllama_jax.media.image import CLIP_MEAN, CLIP_STD
@@ -174,7 +175,7 @@ def mtimes(d):
   return {p: p.stat().st_mtime_ns for p in d.rglob("*")}
 
 
-def test_idempotent_and_partial_regenerated(tmp_path):
+def test_idempotent_and_partial_regenerated(tmp_path, capsys):
   d = tmp_path / "ds"
   assert S.generate(d, 4, 4, seed=1) == d
   before = mtimes(d)
@@ -195,9 +196,15 @@ def test_idempotent_and_partial_regenerated(tmp_path):
   other = tmp_path / "other"
   other.mkdir()
   (other / "notes.txt").write_text("keep me")
-  with pytest.raises(ValueError, match="not a synthetic dataset"):
+  with pytest.raises(ConfigError, match="'.*other' holds files that are not a synthetic dataset"):
     S.generate(other, 1, 1)
-  assert (other / "notes.txt").read_text() == "keep me"
+  import train  # the main job says so in one line, and writes nothing
+  workdir = tmp_path / "run"
+  assert train.main(["--config", "configs/synthetic.py", "--workdir", str(workdir),
+                     f"--config.synthetic.data_dir={other}"]) == 2
+  assert capsys.readouterr().err.startswith(f"error: synthetic data directory '{other}' holds files")
+  assert (other / "notes.txt").read_text() == "keep me" and os.listdir(other) == ["notes.txt"]
+  assert not workdir.exists()
 
 
 def test_score_answers():

@@ -78,7 +78,7 @@ def test_stage_trainable_sets_count_as_the_release(size, hidden):
 
 
 def test_unknown_variant_and_override_keys_are_errors():
-  with pytest.raises(ValueError, match="unknown LLM variant"):
+  with pytest.raises(ConfigError, match=r"vl_stage1.py': unknown LLM variant 'gpt-7b'; expected one of \[.*'vicuna-7b'"):
     load_config_file(os.path.join(CONFIGS, "vl_stage1.py:gpt-7b"))
   from vllama_jax.cli import apply_override
   c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))

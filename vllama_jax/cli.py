@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import os
 from typing import Sequence
 
@@ -26,7 +27,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config()")
-  config = module.get_config(variant) if variant else module.get_config()
+  if variant and not inspect.signature(module.get_config).parameters:
+    raise ConfigError(f"config file {path!r} has no variants; got {variant!r}")
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except ConfigError as e:
+    raise ConfigError(f"config file {path!r}: {e}") from None
   config.lock()
   return config
 

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vllama_jax.errors import ConfigError
+
 FORMAT = "vllama_jax.synthetic/1"
 SPLITS = ("train", "test")
 SIZE, FPS, NUM_FRAMES = 64, 8, 20
@@ -280,7 +282,7 @@ def generate(directory, num_train: int = 1000, num_test: int = 200, seed: int = 
 
   Returns at once when `directory` already holds a complete dataset with these parameters;
   otherwise generates into a temporary sibling and renames it into place, replacing a partial
-  or different dataset there (a non-empty directory of other files raises ValueError).
+  or different dataset there (a non-empty directory of other files raises ConfigError).
   `workers`: encoding threads (None: one per core, at most 8).
   """
   d = Path(directory).absolute()
@@ -288,7 +290,8 @@ def generate(directory, num_train: int = 1000, num_test: int = 200, seed: int = 
   if is_complete(d, manifest):
     return d
   if d.exists() and not _replaceable(d):
-    raise ValueError(f"{d} holds files that are not a synthetic dataset; not overwriting it")
+    raise ConfigError(f"synthetic data directory {str(d)!r} holds files that are not a synthetic dataset; "
+                      "not overwriting it (give an empty or new directory)")
   d.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
   try:

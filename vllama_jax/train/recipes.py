@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vllama_jax.errors import ConfigError
+
 LLMS = {"vicuna-7b": "vicuna", "vicuna-13b": "vicuna", "llama2-7b": "llama_2", "llama2-13b": "llama_2"}
 # prompts/alignment_image.txt of the reference, for the caption path of stage 2.
 ALIGNMENT_PROMPTS = (
@@ -49,9 +51,9 @@ def _dataset(name, fmt, ratio=1.0):
 
 def stage_config(stage: str, variant: str = "vicuna-7b") -> ml_collections.ConfigDict:
   if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
+    raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
   if variant not in LLMS:
-    raise ValueError(f"unknown LLM variant {variant!r}; expected one of {sorted(LLMS)}")
+    raise ConfigError(f"unknown LLM variant {variant!r}; expected one of {sorted(LLMS)}")
   trainable, mode, (init_lr, min_lr, warmup_lr), warmup, iters, epochs, batch, second = STAGES[stage]
   template = LLMS[variant]
   c = ml_collections.ConfigDict()
