@@ -97,6 +97,20 @@ def test_sharded_pytorch_bin_with_index_and_ignored_rotary_buffers(tmp_path_fact
   np.testing.assert_array_equal(np.asarray(params["norm"]["weight"]), expected["model.norm.weight"])
 
 
+def test_a_legacy_format_torch_pickle_converts(tmp_path):
+  """A .bin saved in torch's pre-1.6 format, which cannot be memory-mapped, is read whole."""
+  src, state = hf_dir(tmp_path)
+  os.remove(os.path.join(src, "model.safetensors"))
+  path = os.path.join(src, "pytorch_model.bin")
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path, _use_new_zipfile_serialization=False)
+  assert open(path, "rb").read(4) != b"PK\x03\x04"
+  convert_llama_checkpoint(src, str(tmp_path / "out"), dtype="float32")
+  assert_params_equal(load_llama(str(tmp_path / "out")), state)
+  with open(path, "r+b") as f:  # truncated, it is still an error naming the file
+    f.truncate(os.path.getsize(path) // 2)
+  expect_error(tmp_path, src, path, "truncated or corrupt")
+
+
 def test_streaming_keeps_one_copy_of_the_output(tmp_path):
   cfg = CFG.replace(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4)
   src = str(tmp_path / "hf")

@@ -1,8 +1,9 @@
 """Streaming readers for PyTorch / Hugging Face checkpoint files.
 
 Each reader yields `(key, numpy array)` one tensor at a time, so a converter holds at most one
-source tensor beside its output. Torch pickles are memory-mapped and loaded with
-`weights_only=True`; torch is imported only when a pickle is read.
+source tensor beside its output. Torch pickles are loaded with `weights_only=True`, memory-mapped
+where they are in torch's zip format (every `torch.save` since 1.6; an older file is read whole);
+torch is imported only when a pickle is read.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 
 def load_torch_pickle(path: str) -> dict:
-  """The object in a torch pickle, memory-mapped, tensors only (`weights_only=True`)."""
+  """The object in a torch pickle, tensors only (`weights_only=True`), memory-mapped where it can be."""
   torch = _torch()
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
+  with open(path, "rb") as f:
+    zip_format = f.read(4) == b"PK\x03\x04"  # torch's own test; the legacy format cannot be mapped
   try:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(path, map_location="cpu", mmap=zip_format, weights_only=True)
   except Exception as e:  # torch raises many types for truncated / corrupt zips
     raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint "
                           f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
