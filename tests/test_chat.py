@@ -16,6 +16,7 @@ from media_fixtures import tone_mix, write_media  # noqa: E402
 
 from vllama_jax import chat as chat_cli  # noqa: E402
 from vllama_jax.infer import chat as chat_module  # noqa: E402
+from vllama_jax.errors import ConfigError  # noqa: E402
 from vllama_jax.infer.chat import Request, VideoChat  # noqa: E402
 from vllama_jax.infer.generate import Generator  # noqa: E402
 from vllama_jax.media import MediaError  # noqa: E402
@@ -167,6 +168,16 @@ def test_cli_streams_a_single_answer(files, capsys):
   assert "[audio_video (The video contains 8 frames" in captured.err
   assert chat_cli.main(["--checkpoint", files["ckpt"], "--video", "/nonexistent.mp4", "--question", "x"]) == 2
   assert "nonexistent.mp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--num-frames", "0"), ("--batch-size", "0"), ("--batch-size", "two")])
+def test_cli_counts_below_one_are_usage_errors(files, capsys, flag, value):
+  with pytest.raises(SystemExit) as exit_info:
+    chat_cli.main(["--checkpoint", files["ckpt"], "--video", files["av.mp4"], "--question", "x", flag, value])
+  assert exit_info.value.code == 2
+  assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+  with pytest.raises(ConfigError, match="num_frames must be at least 1, got 0"):
+    VideoChat.from_pretrained(files["ckpt"], num_frames=0)
 
 
 def test_a_sharded_chat_answers_as_one_device(chat, files):

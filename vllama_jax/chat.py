@@ -23,6 +23,16 @@ from vllama_jax.errors import VllamaError
 MEDIA_KEYS = ("video", "image", "audio")
 
 
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="a directory written by convert_weights.py")
@@ -34,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--question", help="the question; without it, questions are read from stdin")
   parser.add_argument("--no-audio", action="store_true", help="ignore the audio track of --video")
   parser.add_argument("--output", help="with --questions: where to write the answers (default: stdout)")
-  parser.add_argument("--batch-size", type=int, default=8, help="with --questions: questions per batch")
+  parser.add_argument("--batch-size", type=positive_int, default=8, help="with --questions: questions per batch")
   parser.add_argument("--template", choices=("vicuna", "llama_2"), help="override the recorded chat template")
-  parser.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default 8)")
+  parser.add_argument("--num-frames", type=positive_int, default=8, help="frames sampled per video (default 8)")
   sampling = parser.add_argument_group("sampling (defaults: the reference demo's)")
   sampling.add_argument("--max-new-tokens", type=int, default=300)
   sampling.add_argument("--temperature", type=float, default=1.0)

@@ -65,6 +65,8 @@ class VideoChat:
 
   def __init__(self, model: VideoLLaMA, tokenizer: Tokenizer, template: conv.Template, *,
                num_frames: int = 8, max_length: int = MAX_LENGTH, length_multiple: int = 64):
+    if num_frames < 1:
+      raise ConfigError(f"num_frames must be at least 1, got {num_frames}")
     self.model, self.tokenizer, self.template = model, tokenizer, template
     self.num_frames, self.max_length = num_frames, max_length
     tokenizer.add_tokens(PLACEHOLDER_TOKENS)
