@@ -92,6 +92,10 @@ def test_unset_annotations_are_an_error_unless_the_ratio_leaves_the_dataset_out(
 @pytest.mark.parametrize("key, value, message", [
     ("template", "llama2", r"template 'llama2': expected one of \['llama_2', 'vicuna'\]"),
     ("data.num_frames", "7", r"data.datasets.0 \('webvid'\): WebVid's head/tail .* must be even, got 7"),
+    ("data.num_frames", "0", r"data.num_frames must be an integer >= 1, got 0"),
+    ("data.batch_size", "0", r"data.batch_size must be an integer >= 1, got 0"),
+    ("data.max_txt_len", "0", r"data.max_txt_len must be an integer >= 1, got 0"),
+    ("data.num_workers", "-1", r"data.num_workers must be an integer >= 0, got -1"),
 ])
 def test_settings_the_pipeline_cannot_use_are_refused_at_once(tmp_path, key, value, message):
   config = stage1(tmp_path)

@@ -92,7 +92,9 @@ def test_unknown_variant_and_override_keys_are_errors():
     ("log_every", -1, r"log_every must be an integer >= 0 \(0: off\), got -1"),
     ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
     ("accum_steps", 0, "accum_steps must be an integer >= 1"), ("optimizer.lr", 1.0, "optimizer: .*'lr'"),
-    ("init_dir", "gs://bucket/video-llama", "init_dir 'gs://bucket/video-llama': URLs are not supported")])
+    ("init_dir", "gs://bucket/video-llama", "init_dir 'gs://bucket/video-llama': URLs are not supported"),
+    ("steps", -5, r"steps must be an integer >= 0 \(0: optimizer.max_epoch x iters_per_epoch\), got -5"),
+    ("optimizer.warmup_steps", -1, "optimizer: warmup_steps must be >= 0, got -1")])
 def test_train_rejects_a_bad_config_before_loading_the_model(key, value, message, tmp_path):
   from vllama_jax.train import loop
   c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
@@ -110,3 +112,22 @@ def test_train_refuses_a_url_workdir_that_would_become_a_local_folder():
   with pytest.raises(ConfigError, match="workdir 'gs://bucket/runs/vl1': URLs are not supported"):
     loop.train(c, "gs://bucket/runs/vl1")
   assert not os.path.exists("gs:")
+
+
+def test_train_refuses_a_model_whose_queries_the_prompts_do_not_fit(tmp_path):
+  """Prompts with room for 32 video rows and a video Q-Former writing 6 would splice rows that do not
+  exist into every prompt (NaN losses): refused before the model's weights are read."""
+  from vllama_jax.cli import apply_override
+  from vllama_jax.random_checkpoint import write_random_video_llama
+  from vllama_jax.train import loop
+  init = write_random_video_llama(str(tmp_path / "init"))  # VideoLlamaConfig.tiny: 6 video queries
+  (tmp_path / "webvid").mkdir()
+  (tmp_path / "webvid" / "part0.csv").write_text("videoid,page_dir,name\n1,p0,a dog runs\n")
+  c = load_config_file(os.path.join(CONFIGS, "vl_stage1.py"))
+  for key, value in {"init_dir": init, "data.datasets.0.ann": str(tmp_path / "webvid"),
+                     "data.datasets.0.media": str(tmp_path / "videos"), "data.datasets.1.ratio": "0",
+                     "steps": "1"}.items():  # without the check: one NaN step, and no error
+    apply_override(c, key, value)
+  with pytest.raises(ConfigError, match=r"runs of \(32,\) media rows \(data.num_query_tokens=32\), but the "
+                                        r"Q-Formers of the model in .* write \(6,\)"):
+    loop.train(c, str(tmp_path / "run"))

@@ -28,6 +28,9 @@ TEMPLATES = {"vicuna": "vicuna", "llama_2": "llama_v2"}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
 FROM_ELSEWHERE = {"template", "audio", "video", "train", "seed"}  # DataConfig fields set from the config's top level
 DATA_KEYS = (DATA_FIELDS - FROM_ELSEWHERE) | {"datasets", "batch_per_device", "eval_batch_size"}
+# The counts a pipeline takes, with their least value.
+COUNT_KEYS = {"batch_size": 1, "eval_batch_size": 1, "num_frames": 1, "size": 1, "num_query_tokens": 1,
+              "max_txt_len": 1, "max_len": 1, "bucket": 1, "num_workers": 0, "num_threads": 1, "prefetch": 0}
 DATASET_KEYS = {"name", "format", "ann", "media", "ratio", "eval_ann", "eval_media"}
 EXPECTED = {
     "webvid": "a folder of *.csv files with the columns videoid, page_dir, name",
@@ -95,6 +98,10 @@ def data_config(config, train: bool) -> DataConfig:
                       + (" (the seed is the config's top-level seed)" if "seed" in unknown else ""))
   if config.template not in TEMPLATES:
     raise ConfigError(f"template {config.template!r}: expected one of {sorted(TEMPLATES)}")
+  for key, least in COUNT_KEYS.items():
+    value = d.get(key, least)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ConfigError(f"data.{key} must be an integer >= {least}, got {value!r}")
   check_datasets(config, train)
   fields = {k: d[k] for k in DATA_FIELDS - FROM_ELSEWHERE if k in d}
   fields["template"] = TEMPLATES[config.template]

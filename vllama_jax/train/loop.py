@@ -140,7 +140,7 @@ def _agree_across_processes(batch: dict, stop_requested: bool) -> tuple[dict, bo
 def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunResult:
   """Runs (or resumes) `config` in `workdir`; SIGTERM stops it after the current step with a checkpoint."""
   from vllama_jax.data.build import make_loader, read_datasets
-  from vllama_jax.pretrained import load_video_llama
+  from vllama_jax.pretrained import abstract_video_llama, load_video_llama
   initialize_distributed(config)
   check_config(config, workdir)
   main, multi = jax.process_index() == 0, jax.process_count() > 1
@@ -154,6 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
     read_datasets(config, train=False)  # and so does a missing held-out split
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
+  check_rows(config, nnx.merge(*abstract_video_llama(config.init_dir, **model_options(config))))
   model = load_video_llama(config.init_dir, mesh, **model_options(config),
                            scan_layers=config.get("scan_layers", True), remat=config.get("remat", False))
   graphdef, params, frozen = split_trainable(model, trainable_patterns(config))
@@ -344,6 +345,19 @@ def export(config, params, workdir: str, step: int, run: str | None, log=print) 
   return os.path.join(workdir, exporting.EXPORT_LINK)
 
 
+def check_rows(config, model) -> None:
+  """The media rows each prompt leaves room for (data.num_query_tokens, and 8 audio rows in front in
+  the joint mode) are the rows the model's Q-Formers write: otherwise every prompt would splice in
+  rows that do not exist, and every loss would be NaN. `model` may be abstract (no weights read)."""
+  from vllama_jax.data.build import data_config
+  from vllama_jax.train.step import row_runs
+  expected, written = data_config(config, train=True).runs, row_runs(model, config.mode)
+  if written is not None and expected != written:  # (a missing branch: load_video_llama says so)
+    raise ConfigError(f"mode {config.mode!r}: the prompts leave room for runs of {expected} media rows "
+                      f"(data.num_query_tokens={config.data.num_query_tokens}), but the Q-Formers of the model "
+                      f"in {config.init_dir!r} write {written}; set data.num_query_tokens to match")
+
+
 def check_config(config, workdir: str | None = None) -> None:
   """What can be checked before the model loads (minutes at 7B): paths, mode, trainable set,
   optimizer, data fields and the step intervals (0: off). After `initialize_distributed`: the data
@@ -357,13 +371,13 @@ def check_config(config, workdir: str | None = None) -> None:
   resolve(trainable_patterns(config))
   try:
     OptimizerConfig(**config.optimizer.to_dict())
-  except TypeError as e:
+  except (TypeError, ConfigError) as e:
     raise ConfigError(f"optimizer: {e}") from None
   data_config(config, train=True)
-  intervals = {"log_every": (config.log_every, 0), "checkpoint.every": (config.checkpoint.every, 0),
-            "eval.every": (config.eval.every, 0), "checkpoint.keep": (config.checkpoint.keep, 1),
-            "accum_steps": (config.get("accum_steps", 1), 1)}
-  for key, (value, least) in intervals.items():
+  off, epochs = " (0: off)", " (0: optimizer.max_epoch x iters_per_epoch)"
+  counts = {"steps": (config.get("steps", 0), 0, epochs), "log_every": (config.log_every, 0, off),
+            "checkpoint.every": (config.checkpoint.every, 0, off), "eval.every": (config.eval.every, 0, off),
+            "checkpoint.keep": (config.checkpoint.keep, 1, ""), "accum_steps": (config.get("accum_steps", 1), 1, "")}
+  for key, (value, least, meaning) in counts.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-      raise ConfigError(f"{key} must be an integer >= {least}" + (" (0: off)" if least == 0 else "")
-                        + f", got {value!r}")
+      raise ConfigError(f"{key} must be an integer >= {least}{meaning}, got {value!r}")

@@ -43,6 +43,10 @@ class OptimizerConfig:
     if self.iters_per_epoch < 1 or self.max_epoch < 1:
       raise ConfigError(f"iters_per_epoch ({self.iters_per_epoch}) and max_epoch ({self.max_epoch}) "
                         "must be >= 1")
+    if self.warmup_steps < 0:
+      raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.init_lr < 0 or self.min_lr < 0:
+      raise ConfigError(f"init_lr ({self.init_lr}) and min_lr ({self.min_lr}) must be >= 0")
     if self.clip_norm is not None and self.clip_norm <= 0:
       raise ConfigError(f"clip_norm must be positive or None, got {self.clip_norm}")
 
