@@ -139,14 +139,21 @@ def _agree_across_processes(batch: dict, stop_requested: bool) -> tuple[dict, bo
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunResult:
   """Runs (or resumes) `config` in `workdir`; SIGTERM stops it after the current step with a checkpoint."""
-  from vllama_jax.data.build import make_loader, read_datasets
-  from vllama_jax.pretrained import abstract_video_llama, load_video_llama
   initialize_distributed(config)
   check_config(config, workdir)
-  main, multi = jax.process_index() == 0, jax.process_count() > 1
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  every=config.checkpoint.every, asynchronous=config.checkpoint.get("asynchronous", True))
+  try:  # closed on every way out: an open manager's threads outlive a failed restore and spew at exit
+    return _train(config, workdir, ckpt, log)
+  finally:
+    ckpt.close()
+
+
+def _train(config, workdir: str, ckpt: checkpoint.Checkpointer, log) -> RunResult:
+  from vllama_jax.data.build import make_loader, read_datasets
+  from vllama_jax.pretrained import abstract_video_llama, load_video_llama
+  main, multi = jax.process_index() == 0, jax.process_count() > 1
   resuming = ckpt.latest_step is not None
   run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
   datasets = read_datasets(config, train=True)  # a wrong annotation path fails before the model loads
@@ -238,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
         t_last += time.perf_counter() - paused  # throughput counts the train steps only
       ckpt.save(step, state, data.get_state(), force=True)
   finally:
-    ckpt.close()
+    ckpt.wait()  # the last save is complete before the export
     progress.close()
     log_file.close()
     data.close()
