@@ -161,3 +161,7 @@ def test_cli_writes_what_the_builder_writes(job, features, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(tmp_path / "f" / name), np.load(os.path.join(features, name)))
   assert main(argv[:2] + [f"--config.init_dir={tmp_path / 'nowhere'}"] + argv[3:-1] + [str(tmp_path / "g")]) == 2
   assert "no such directory" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a usage error before anything is written
+    main(argv[:-3] + ["0", "--out", str(tmp_path / "h")])
+  assert "argument --batch_size: expected an integer >= 1, got '0'" in capsys.readouterr().err
+  assert not (tmp_path / "h").exists()

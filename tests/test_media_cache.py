@@ -158,6 +158,9 @@ def test_pool_indices_and_cli(media, tmp_path):
   assert cache.settings == dict(num_frames=8, size=32, pool="2", audio=False, audio_dtype="float32")
   assert len(cache) == 8 and cache.broken == {"missing file": 1, "corrupt media": 1, "short video": 1}
   assert main(argv[:-2] + ["--pool", "often"]) == 2
+  with pytest.raises(SystemExit):  # a usage error before anything is written
+    main(argv[:-4] + ["--out", str(tmp_path / "d"), "--threads", "0"])
+  assert not (tmp_path / "d").exists()
   assert main(["--help"]) == 0  # before the config is read: it names --config instead of failing on it
   from vllama_jax.cli import parse_config_args
   from vllama_jax.data.build import data_config

@@ -18,19 +18,10 @@ import os
 import sys
 import time
 
+from vllama_jax.cli import positive_int
 from vllama_jax.errors import VllamaError
 
 MEDIA_KEYS = ("video", "image", "audio")
-
-
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-  return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,6 +6,7 @@ that do exist, so a typo never silently runs with a default.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import inspect
@@ -35,6 +36,17 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r}: {e}") from None
   config.lock()
   return config
+
+
+def positive_int(text: str) -> int:
+  """An argparse `type` for counts: an integer >= 1, or a usage error that quotes the text."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return value
 
 
 def _child_key(node, part: str):

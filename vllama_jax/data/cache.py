@@ -28,14 +28,14 @@ def video_paths(config) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from vllama_jax.cli import CONFIG_HELP, parse_config_args
+  from vllama_jax.cli import CONFIG_HELP, parse_config_args, positive_int
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog="python -m vllama_jax.data.cache", description=__doc__.split("\n")[0],
                                    epilog=CONFIG_HELP)
   parser.add_argument("--out", required=True, help="directory to write the cache into")
   parser.add_argument("--pool", default="uniform", help="frames kept per video: uniform, all or an fps")
   parser.add_argument("--audio_dtype", default="float32", choices=("float32", "float16"))
-  parser.add_argument("--threads", type=int, default=2, help="videos decoded at once")
+  parser.add_argument("--threads", type=positive_int, default=2, help="videos decoded at once")
   if {"-h", "--help"} & set(argv):
     parser.print_help()
     return 0

@@ -193,13 +193,13 @@ class FrozenFeatures:
 
 
 def main(argv=None) -> int:
-  from vllama_jax.cli import CONFIG_HELP, parse_config_args
+  from vllama_jax.cli import CONFIG_HELP, parse_config_args, positive_int
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog="python -m vllama_jax.data.frozen_features",
                                    description=__doc__.split("\n")[0],
                                    epilog=CONFIG_HELP)
   parser.add_argument("--out", required=True, help="directory to write the features into")
-  parser.add_argument("--batch_size", type=int, default=16, help="videos encoded at once")
+  parser.add_argument("--batch_size", type=positive_int, default=16, help="videos encoded at once")
   if {"-h", "--help"} & set(argv):
     parser.print_help()
     return 0
