@@ -97,6 +97,16 @@ def test_sharded_pytorch_bin_with_index_and_ignored_rotary_buffers(tmp_path_fact
   np.testing.assert_array_equal(np.asarray(params["norm"]["weight"]), expected["model.norm.weight"])
 
 
+def test_a_file_that_is_no_pickle_is_one_line_naming_it(tmp_path):
+  src, _ = hf_dir(tmp_path)
+  os.remove(os.path.join(src, "model.safetensors"))
+  path = os.path.join(src, "pytorch_model.bin")
+  with open(path, "wb") as f:
+    f.write(b"garbage, not a checkpoint\n")
+  message = expect_error(tmp_path, src, path, "truncated or corrupt")
+  assert "\n" not in message and "weights_only" not in message  # not torch's advice to unpickle anything
+
+
 def test_a_legacy_format_torch_pickle_converts(tmp_path):
   """A .bin saved in torch's pre-1.6 format, which cannot be memory-mapped, is read whole."""
   src, state = hf_dir(tmp_path)

@@ -49,7 +49,17 @@ def load_torch_pickle(path: str) -> dict:
     return torch.load(path, map_location="cpu", mmap=zip_format, weights_only=True)
   except Exception as e:  # torch raises many types for truncated / corrupt zips
     raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint "
-                          f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
+                          f"(truncated or corrupt?): {type(e).__name__}: {_gist(e)}") from None
+
+
+def _gist(error: Exception) -> str:
+  """The line of a torch.load error that says what failed: its weights-only unpickler's finding (the
+  message around it advises weights_only=False, wrong for a corrupt file), else its first line."""
+  text = str(error).strip()
+  marker = "WeightsUnpickler error:"
+  if marker in text:
+    text = text.split(marker, 1)[1].strip()
+  return (text.splitlines() or [""])[0][:300]
 
 
 def iter_file(path: str, entry: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
