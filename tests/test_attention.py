@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vllama_jax.layers import attention
 from vllama_jax.layers.attention import causal_mask, dot_product_attention
 
 
@@ -35,7 +36,7 @@ def left_padded_causal_mask(b=2, t=9):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_gradients_match_autodiff_of_the_formula(masked, dtype, rtol):
+def test_gradients_match_autodiff_of_the_formula(forward_path, masked, dtype, rtol):
   (q, k, v), cotangent = inputs(dtype)
   mask = left_padded_causal_mask() if masked else None
   scale = 0.3
@@ -52,3 +53,36 @@ def test_gradients_match_autodiff_of_the_formula(masked, dtype, rtol):
   if masked:  # queries with no visible key are constants of the keys: nothing flows back from them
     lonely = jax.grad(lambda k: jnp.sum(dot_product_attention(q, k, v, mask, scale)[0, :2].astype(jnp.float32)))(k)
     assert not np.any(np.asarray(lonely, np.float32))
+
+
+
+@pytest.fixture(params=["per example", "batched"])
+def forward_path(request, monkeypatch):
+  """XLA:CPU runs large attention (several prompt tokens, big scores) one batch row at a time; other
+  backends, small attention and one-token decoding run the whole batch at once. Both are checked."""
+  if request.param == "per example":
+    monkeypatch.setattr(attention, "PER_EXAMPLE_MIN_SCORES", 0)
+  else:
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  return request.param
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_forward_matches_the_formula(forward_path, dtype, rtol):
+  (q, k, v), _ = inputs(dtype)
+  mask = left_padded_causal_mask()
+  for q_rows, mask_rows in ((q, mask), (q[:, -1:], mask[:, -1:]), (q, None)):  # prompt, decode step, unmasked
+    got = jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, m, 0.3))(q_rows, k, v, mask_rows)
+    want = np.asarray(textbook(q_rows, k, v, mask_rows, 0.3), np.float32)
+    assert got.dtype == dtype and got.shape == q_rows.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_paths_agree_in_float32(monkeypatch):
+  (q, k, v), _ = inputs(jnp.float32, seed=1)
+  mask = left_padded_causal_mask()
+  run = lambda: np.asarray(jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, m))(q, k, v, mask))
+  monkeypatch.setattr(attention, "PER_EXAMPLE_MIN_SCORES", 0)
+  per_example = run()
+  monkeypatch.setattr(attention, "PER_EXAMPLE_MIN_SCORES", 2 ** 62)
+  np.testing.assert_allclose(per_example, run(), rtol=1e-6, atol=1e-6)
