@@ -22,6 +22,7 @@ from flax import nnx
 
 from vllama_jax.config import DTYPES
 from vllama_jax.errors import ConfigError
+from vllama_jax.layers.activations import gelu
 from vllama_jax.layers.attention import dot_product_attention
 from vllama_jax.layers.linear import Linear, param
 from vllama_jax.layers.norms import LayerNorm
@@ -134,7 +135,7 @@ class EvaMlp(nnx.Module):
     self.fc2 = Linear(cfg.mlp_dim, cfg.width, names=("mlp", "embed"), use_bias=True, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.gelu(self.fc1(x), approximate=False)  # torch nn.GELU(): exact erf form
+    hidden = gelu(self.fc1(x))
     return self.fc2(constrain(hidden, ("batch", "length", "act_mlp")))
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from vllama_jax.config import DTYPES
 from vllama_jax.errors import ConfigError
+from vllama_jax.layers.activations import gelu
 from vllama_jax.layers.attention import MASK_VALUE
 from vllama_jax.layers.linear import Linear, param
 from vllama_jax.layers.norms import LayerNorm
@@ -146,8 +147,7 @@ class QFormerLayer(nnx.Module):
     x = self.attention(x, **kw)
     if self.crossattention is not None:
       x = self.crossattention(x, encoder_states, encoder_mask, **kw)
-    # BERT's "gelu" is the exact erf form, not the tanh approximation.
-    hidden = jax.nn.gelu(self.intermediate(x), approximate=False)
+    hidden = gelu(self.intermediate(x))
     hidden = constrain(hidden, ("batch", "length", "act_mlp"))
     out = self.dropout(self.output(hidden), **kw)
     return constrain(self.output_norm(out + x), HIDDEN)
