@@ -180,6 +180,16 @@ def test_cli_counts_below_one_are_usage_errors(files, capsys, flag, value):
     VideoChat.from_pretrained(files["ckpt"], num_frames=0)
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--top-k", "-5", "top_k must be >= 0 (0: off), got -5"),
+    ("--temperature", "0", "temperature must be > 0 when sampling, got 0.0"),
+    ("--repetition-penalty", "0", "repetition_penalty must be > 0 (1: off), got 0.0")])
+def test_cli_bad_sampling_fails_before_the_model_loads(tmp_path, capsys, flag, value, message):
+  missing = str(tmp_path / "no-checkpoint")  # loading it would fail: the sampling error must come first
+  assert chat_cli.main(["--checkpoint", missing, "--video", "v.mp4", "--question", "x", flag, value]) == 2
+  assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
 def test_a_sharded_chat_answers_as_one_device(chat, files):
   from vllama_jax import sharding
   mesh = sharding.make_mesh((2, 2, 2))

@@ -189,6 +189,10 @@ def test_bad_requests_are_clear_errors(models):
     SamplingConfig(temperature=0)
   with pytest.raises(ConfigError, match="stop sequences must not be empty"):
     SamplingConfig(stop_sequences=((),))
+  with pytest.raises(ConfigError, match=r"top_k must be >= 0 \(0: off\), got -5"):
+    SamplingConfig(top_k=-5)
+  with pytest.raises(ConfigError, match=r"repetition_penalty must be > 0 \(1: off\), got 0"):
+    SamplingConfig(repetition_penalty=0)
   generator = Generator(model)
   with pytest.raises(ValueError, match=r"prompt 0 has shape \(3, 10\); expected \(length > 0, 64\)"):
     generator([jnp.zeros((3, 10))])

@@ -54,10 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def sampling_knobs(args) -> dict:
+  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
+
+
 def sampling_config(chat, args):
-  return chat.sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-                       seed=args.seed)
+  return chat.sampling(**sampling_knobs(args))
 
 
 def read_requests(path: str, use_audio: bool) -> list[tuple[dict, object]]:
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     from vllama_jax.infer.chat import VideoChat
+    from vllama_jax.infer.sampling import SamplingConfig
+    SamplingConfig(**sampling_knobs(args))  # bad knobs fail now, not after minutes of loading
     chat = VideoChat.from_pretrained(args.checkpoint, template=args.template, audio=not args.no_audio,
                                      num_frames=args.num_frames)
     if args.questions:

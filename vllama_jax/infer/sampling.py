@@ -34,8 +34,10 @@ class SamplingConfig:
       raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0 or self.repetition_penalty <= 0:
-      raise ConfigError("top_k must be >= 0 and repetition_penalty > 0")
+    if self.top_k < 0:
+      raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if self.repetition_penalty <= 0:
+      raise ConfigError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
     if any(len(s) == 0 for s in self.stop_sequences):
       raise ConfigError("stop sequences must not be empty")
     object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
