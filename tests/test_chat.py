@@ -156,6 +156,29 @@ def test_cli_answers_a_jsonl_file_and_reports_bad_lines(files, tmp_path, capsys)
   assert [r.get("answer") for r in results[:2]] == expected
   assert "missing.mp4" in results[2]["error"] and "exactly one" in results[3]["error"]
   assert "2 question(s) could not be answered" in capsys.readouterr().err
+  assert chat_cli.main(args + ["--overwrite"]) == 0  # a second run replaces its answers only when asked
+  assert [json.loads(line) for line in out.read_text().splitlines()] == results
+
+
+@pytest.mark.parametrize("case,message", [
+    ("output exists", "--output {out} exists; pass --overwrite to replace it"),
+    ("output is the questions", "--output {questions} exists; pass --overwrite to replace it"),
+    ("no questions file", "--questions {missing}: no such file"),
+    ("output without questions", "--output goes with --questions")])
+def test_cli_keeps_what_the_user_saved(tmp_path, capsys, case, message):
+  """Checked before the model loads (the checkpoint here does not exist): a saved file is never truncated."""
+  questions, out, missing = tmp_path / "q.jsonl", tmp_path / "answers.jsonl", tmp_path / "none.jsonl"
+  questions.write_text('{"question": "?", "video": "v.mp4"}\n')
+  out.write_text("saved\n")
+  args = {"output exists": ["--questions", str(questions), "--output", str(out)],
+          "output is the questions": ["--questions", str(questions), "--output", str(questions)],
+          "no questions file": ["--questions", str(missing)],
+          "output without questions": ["--video", "v.mp4", "--output", str(tmp_path / "new.jsonl")]}[case]
+  with pytest.raises(SystemExit) as exit_info:
+    chat_cli.main(["--checkpoint", str(tmp_path / "no-checkpoint")] + args)
+  assert exit_info.value.code == 2
+  assert message.format(out=out, questions=questions, missing=missing) in capsys.readouterr().err
+  assert out.read_text() == "saved\n" and questions.read_text() == '{"question": "?", "video": "v.mp4"}\n'
 
 
 def test_cli_streams_a_single_answer(files, capsys):

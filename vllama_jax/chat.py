@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   media.add_argument("--questions", help="a JSONL file of questions for batch work")
   parser.add_argument("--question", help="the question; without it, questions are read from stdin")
   parser.add_argument("--no-audio", action="store_true", help="ignore the audio track of --video")
-  parser.add_argument("--output", help="with --questions: where to write the answers (default: stdout)")
+  parser.add_argument("--output", help="with --questions: a new file for the answers (default: stdout)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an --output file that exists")
   parser.add_argument("--batch-size", type=positive_int, default=8, help="with --questions: questions per batch")
   parser.add_argument("--template", choices=("vicuna", "llama_2"), help="override the recorded chat template")
   parser.add_argument("--num-frames", type=positive_int, default=8, help="frames sampled per video (default 8)")
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error("give --video, --image, --audio or --questions")
   if args.questions and args.question:
     parser.error("--question goes with --video/--image/--audio, not with --questions")
+  if args.output and not args.questions:
+    parser.error("--output goes with --questions")
+  if args.questions and not os.path.isfile(args.questions):
+    parser.error(f"--questions {args.questions}: no such file")
+  if args.output and os.path.exists(args.output) and not args.overwrite:
+    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
   return args
 
 
