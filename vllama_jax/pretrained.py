@@ -178,13 +178,20 @@ def load_audio_branch(directory: str, mesh: jax.sharding.Mesh | None = None, **r
   return _load_part(directory, AUDIO_BRANCH, lambda: AudioBranch(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
-def abstract_video_llama(directory: str, *, audio: bool = True, vision_tower: bool = False,
-                         video_options: dict | None = None, **llama_runtime) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_video_llama(directory: str, **options) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, state of ShapeDtypeStructs) of the `VideoLLaMA` that `load_video_llama` builds from
   the config of a converted directory (scanned LLaMA layers), reading no parameter."""
+  from vllama_jax.models.video_llama import VideoLLaMA
+  cfg = video_llama_config(directory, **options)
+  return sharding.abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+
+
+def video_llama_config(directory: str, *, audio: bool = True, vision_tower: bool = False,
+                       video_options: dict | None = None, **llama_runtime):
+  """The `VideoLlamaConfig` of a converted directory's parts (scanned LLaMA layers); see `load_video_llama`."""
   from vllama_jax.convert.audio_branch import AUDIO_BRANCH, audio_branch_config_from_entry
   from vllama_jax.convert.video_branch import VIDEO_BRANCH, video_branch_config_from_entry
-  from vllama_jax.models.video_llama import VideoLLaMA, VideoLlamaConfig
+  from vllama_jax.models.video_llama import VideoLlamaConfig
   hf = read_config(directory, LLAMA)
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     present = set(json.load(f))
@@ -200,8 +207,7 @@ def abstract_video_llama(directory: str, *, audio: bool = True, vision_tower: bo
   if video is None and audio_cfg is None:
     raise CheckpointError(f"{directory}: has neither a video nor an audio branch; convert one with "
                           "convert_weights.py (--eva --blip2 and/or --imagebind)")
-  cfg = VideoLlamaConfig(llama=llama_cfg.replace(scan_layers=True), video=video, audio=audio_cfg)
-  return sharding.abstract_model(lambda: VideoLLaMA(cfg, rngs=nnx.Rngs(0)))
+  return VideoLlamaConfig(llama=llama_cfg.replace(scan_layers=True), video=video, audio=audio_cfg)
 
 
 def load_video_llama(directory: str, mesh: jax.sharding.Mesh | None = None, *, audio: bool = True,

@@ -152,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> RunR
 
 def _train(config, workdir: str, ckpt: checkpoint.Checkpointer, log) -> RunResult:
   from vllama_jax.data.build import make_loader, read_datasets
-  from vllama_jax.pretrained import abstract_video_llama, load_video_llama
+  from vllama_jax.pretrained import load_video_llama
   main, multi = jax.process_index() == 0, jax.process_count() > 1
   resuming = ckpt.latest_step is not None
   run = on_process_0(lambda: run_record.begin(workdir, config, resuming), "check the workdir's run record")
@@ -161,7 +161,7 @@ def _train(config, workdir: str, ckpt: checkpoint.Checkpointer, log) -> RunResul
     read_datasets(config, train=False)  # and so does a missing held-out split
   mesh = sharding.make_mesh(tuple(config.mesh))
   mode = config.mode
-  check_rows(config, nnx.merge(*abstract_video_llama(config.init_dir, **model_options(config))))
+  check_rows(config)
   model = load_video_llama(config.init_dir, mesh, **model_options(config),
                            scan_layers=config.get("scan_layers", True), remat=config.get("remat", False))
   graphdef, params, frozen = split_trainable(model, trainable_patterns(config))
@@ -352,13 +352,15 @@ def export(config, params, workdir: str, step: int, run: str | None, log=print) 
   return os.path.join(workdir, exporting.EXPORT_LINK)
 
 
-def check_rows(config, model) -> None:
+def check_rows(config) -> None:
   """The media rows each prompt leaves room for (data.num_query_tokens, and 8 audio rows in front in
-  the joint mode) are the rows the model's Q-Formers write: otherwise every prompt would splice in
-  rows that do not exist, and every loss would be NaN. `model` may be abstract (no weights read)."""
+  the joint mode) are the rows the Q-Formers of `config.init_dir` write: otherwise every prompt would
+  splice in rows that do not exist, and every loss would be NaN. Reads the directory's configs only."""
   from vllama_jax.data.build import data_config
+  from vllama_jax.pretrained import video_llama_config
   from vllama_jax.train.step import row_runs
-  expected, written = data_config(config, train=True).runs, row_runs(model, config.mode)
+  model_config = video_llama_config(config.init_dir, **model_options(config))
+  expected, written = data_config(config, train=True).runs, row_runs(model_config, config.mode)
   if written is not None and expected != written:  # (a missing branch: load_video_llama says so)
     raise ConfigError(f"mode {config.mode!r}: the prompts leave room for runs of {expected} media rows "
                       f"(data.num_query_tokens={config.data.num_query_tokens}), but the Q-Formers of the model "

@@ -119,14 +119,13 @@ def modality_rows(model, batch: dict, mode: str, *, dropout: dict[str, bool], rn
   return jnp.concatenate([audio, video().astype(audio.dtype)], axis=1)
 
 
-def row_runs(model, mode: str) -> tuple[int, ...] | None:
-  """How many rows each run of `modality_rows` has, in order: its Q-Formers' query counts (None
-  where the model lacks a branch the mode needs)."""
+def row_runs(model_config, mode: str) -> tuple[int, ...] | None:
+  """How many rows each run of `modality_rows` has, in order, for a model of `model_config` (a
+  `VideoLlamaConfig`): its Q-Formers' query counts (None where it lacks a branch the mode needs)."""
   branches = {"video": ("video",), "audio": ("audio",), "audio_vision": ("audio",),
               "audio_video": ("audio", "video")}[mode]
-  video, audio = model.video_branch, model.audio_branch
-  counts = {"video": video and video.config.video_qformer.num_query_tokens,
-            "audio": audio and audio.config.qformer.num_query_tokens}
+  video, audio = model_config.video, model_config.audio
+  counts = {"video": video and video.video_qformer.num_query_tokens, "audio": audio and audio.qformer.num_query_tokens}
   return None if any(counts[b] is None for b in branches) else tuple(counts[b] for b in branches)
 
 
